@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# The venv sees the system site-packages so that a GPU machine reuses its preinstalled CUDA torch and triton;
+# torch and triton are installed only when none is importable.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch keeps a cold set-up small; set TORCH_SPEC to pick another build.
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton>=3.6
+EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: setup demo test test-gpu bench env clean
+
+setup: $(VENV)/.built
+
+$(VENV)/.deps:
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)" || \
+		echo "triton unavailable: the Triton backend is skipped"
+	$(PY) -c "import pytest, numpy, ninja" 2>/dev/null || $(PY) -m pip install -q pytest numpy ninja
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps pyproject.toml setup.py $(EXT_SOURCES)
+	$(PY) -m pip install -q -e . --no-build-isolation --no-deps
+	touch $@
+
+demo: setup
+	$(PY) -m ampclip demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu
+
+bench: setup
+	$(PY) -m ampclip bench
+
+env: setup
+	$(PY) -m ampclip env
+
+clean:
+	rm -rf build *.egg-info ampclip/*.so $(VENV)

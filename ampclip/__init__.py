@@ -1,0 +1,34 @@
+"""ampclip: fused, sync-free gradient unscale, inf/NaN check, norm and clip for PyTorch mixed precision.
+
+Drop-in replacements for ``torch.nn.utils.clip_grad_norm_`` and friends::
+
+    import ampclip
+    total_norm = ampclip.clip_grad_norm_(model.parameters(), max_norm=1.0)
+"""
+
+from . import ops, reference
+from .functional import (
+    clip_grad_norm_,
+    clip_grad_value_,
+    clip_grads_with_norm_,
+    compute_gradient_norm,
+    get_total_norm,
+    patch_torch,
+    unpatch_torch,
+)
+from .ops import backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "backend",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "compute_gradient_norm",
+    "get_total_norm",
+    "ops",
+    "patch_torch",
+    "reference",
+    "unpatch_torch",
+]

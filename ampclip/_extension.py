@@ -1,0 +1,36 @@
+"""Loads the optional compiled extension ``ampclip._C`` and exposes its kernels as a backend.
+
+``import ampclip`` works without it: a missing or broken build warns once and the reference backend runs.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+AVAILABLE = False
+HAS_CUDA = False
+ERROR: str | None = None
+
+try:
+    from . import _C  # noqa: F401  (registers the ampclip_C:: ops with the dispatcher)
+
+    AVAILABLE = True
+    HAS_CUDA = bool(torch.ops.ampclip_C.built_with_cuda())
+except Exception as exc:  # ImportError, or an undefined symbol from a build against another torch
+    ERROR = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        f"ampclip: the compiled extension ampclip._C could not be loaded ({ERROR}); CPU gradients use the "
+        "pure-PyTorch reference backend. Build it with `pip install -e . --no-build-isolation`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def norm_pass(grads, inv_scale, norm_type):
+    return torch.ops.ampclip_C.norm_pass(grads, inv_scale, norm_type)
+
+
+def scale_pass(grads, coef, inv_scale, clip_value, found_inf, zero_if_inf):
+    torch.ops.ampclip_C.scale_pass(grads, coef, inv_scale, clip_value, found_inf, zero_if_inf)

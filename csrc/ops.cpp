@@ -1,0 +1,35 @@
+// Schemas of the compiled ampclip kernels. The Python op layer (ampclip/ops.py) defines the public
+// ampclip:: ops and calls these as the "cpp" backend; registering them with TORCH_LIBRARY (not bare pybind)
+// makes them real dispatcher ops that torch.compile and opcheck can see. Device kernels are registered
+// with TORCH_LIBRARY_IMPL next to them: cpu/ always, cuda/ when built with a CUDA toolkit.
+
+#include <Python.h>
+#include <torch/library.h>
+
+namespace ampclip {
+
+bool built_with_cuda() {
+#ifdef AMPCLIP_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+TORCH_LIBRARY(ampclip_C, m) {
+  m.def("norm_pass(Tensor[] grads, Tensor? inv_scale, float norm_type) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "scale_pass(Tensor(a!)[] grads, Tensor coef, Tensor? inv_scale, float? clip_value, Tensor? found_inf, "
+      "bool zero_if_inf) -> ()");
+  m.def("built_with_cuda() -> bool", &built_with_cuda);
+}
+
+}  // namespace ampclip
+
+// `import ampclip._C` loads this library, which runs the registrations above. It defines no Python API.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+}
