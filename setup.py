@@ -11,6 +11,7 @@ against the wrong headers.
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -23,7 +24,9 @@ def _extensions():
         return [], {}
     from torch.utils import cpp_extension
 
-    cxx_flags = ["-O3", "-std=c++17"]
+    # at::parallel_for is a header template: without -fopenmp the kernels would silently run on one thread.
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++17", *openmp]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     build_cuda = (
@@ -39,9 +42,12 @@ def _extensions():
             sources + cuda_sources,
             define_macros=[("AMPCLIP_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=openmp,
         )
     else:
-        ext = cpp_extension.CppExtension("ampclip._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = cpp_extension.CppExtension(
+            "ampclip._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp
+        )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

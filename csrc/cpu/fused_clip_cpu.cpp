@@ -1,7 +1,7 @@
 // CPU kernels of the two ampclip ops (see ampclip/ops.py for the contract).
 //
-// norm_pass: one read of every gradient. Each element is unscaled on the fly, probed for inf/NaN and
-// accumulated in float lanes; every kBlock elements the lanes are folded into a double partial. The work
+// norm_pass: one read of every gradient. Each element is unscaled on the fly and accumulated in float SIMD
+// lanes; every kBlock elements the lanes are folded into a double partial. The work
 // is cut into fixed chunks of kChunk elements, each chunk writes its own partial, and the partials are
 // reduced in a fixed order afterwards, so the norm is bitwise identical whatever the thread count.
 //
@@ -16,6 +16,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -24,10 +26,10 @@ namespace {
 
 // Elements per work item. Fixed, so that the partials (and the result) do not depend on threads.
 constexpr int64_t kChunk = 1 << 16;
-// Elements summed in float lanes before they are flushed into a double: float SIMD speed, and a rounding
-// error of at most ~kBlock / kLanes = 64 float additions per lane before the double takes over.
-constexpr int64_t kBlock = 1024;
-constexpr int kLanes = 16;
+// Elements summed in float lanes before they are flushed into a double: float SIMD speed, and at most
+// kBlock / 16 = 128 float additions per lane before the double takes over. Larger blocks amortise the
+// flush (a serial chain of double additions) better; smaller ones round less.
+constexpr int64_t kBlock = 2048;
 
 enum class NormKind { kL1, kL2, kInf, kP };
 
@@ -37,21 +39,52 @@ struct WorkItem {
   int64_t end;
 };
 
-// float for half, bfloat16 and float gradients; double for double ones.
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+// Four float lanes: SSE2 on any x86-64, NEON on arm64. Four independent vectors per step hide the add
+// latency; without them the reduction is latency-bound at about a quarter of memory bandwidth.
+typedef float vfloat4 __attribute__((vector_size(16)));
+typedef int32_t vint4 __attribute__((vector_size(16)));
+constexpr int kVecs = 4;
+constexpr int kStep = 4 * kVecs;
+
+inline vfloat4 load4(const float* p) {
+  vfloat4 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline vfloat4 abs4(vfloat4 v) {
+  return reinterpret_cast<vfloat4>(reinterpret_cast<vint4>(v) & 0x7fffffff);
+}
+
+inline vfloat4 select4(vint4 mask, vfloat4 a, vfloat4 b) {  // mask ? a : b, lane by lane
+  return reinterpret_cast<vfloat4>((mask & reinterpret_cast<vint4>(a)) | (~mask & reinterpret_cast<vint4>(b)));
+}
 
 template <typename T>
 inline T nan_max(T a, T b) {  // max that propagates NaN, like torch's inf-norm
   return (b > a || b != b) ? b : a;
 }
 
-template <NormKind kind, typename acc_t>
-inline acc_t accumulate(acc_t lane, acc_t u, acc_t p) {
-  if constexpr (kind == NormKind::kL2) return lane + u * u;
-  if constexpr (kind == NormKind::kL1) return lane + std::abs(u);
-  if constexpr (kind == NormKind::kInf) return nan_max(lane, std::abs(u));
-  return lane + std::pow(std::abs(u), p);
+template <NormKind kind, typename T>
+inline T accumulate(T acc, T u, T p) {
+  if constexpr (kind == NormKind::kL2) return acc + u * u;
+  if constexpr (kind == NormKind::kL1) return acc + std::abs(u);
+  if constexpr (kind == NormKind::kInf) return nan_max(acc, std::abs(u));
+  return acc + std::pow(std::abs(u), p);
+}
+
+template <NormKind kind>
+inline vfloat4 accumulate4(vfloat4 acc, vfloat4 u) {
+  if constexpr (kind == NormKind::kL2) return acc + u * u;
+  if constexpr (kind == NormKind::kL1) return acc + abs4(u);
+  const vfloat4 a = abs4(u);  // kInf: NaN-propagating max
+  return select4((a > acc) | (a != a), a, acc);
+}
+
+template <NormKind kind>
+inline vfloat4 combine4(vfloat4 a, vfloat4 b) {
+  if constexpr (kind == NormKind::kInf) return select4((b > a) | (b != b), b, a);
+  return a + b;
 }
 
 template <NormKind kind>
@@ -59,47 +92,127 @@ inline double fold(double a, double b) {
   return kind == NormKind::kInf ? nan_max(a, b) : a + b;
 }
 
-// Reduces x[0, n) to one double partial (sum of |u|^p, or max |u|) and reports whether any u = x * inv is
-// not finite. `u - u` is 0 for a finite u and NaN otherwise, so summing it per lane flags inf and NaN exactly
-// without a branch in the loop (an overflowing square cannot raise the flag).
-template <typename scalar_t, NormKind kind>
-double reduce_chunk(const scalar_t* x, int64_t n, acc_type<scalar_t> inv, acc_type<scalar_t> p, bool& nonfinite) {
-  using acc_t = acc_type<scalar_t>;
-  double partial = 0.0;
-  acc_t probe[kLanes] = {};
-  for (int64_t block = 0; block < n; block += kBlock) {
-    const int64_t end = std::min(n, block + kBlock);
-    acc_t lane[kLanes] = {};
-    int64_t i = block;
-    for (; i + kLanes <= end; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const acc_t u = static_cast<acc_t>(x[i + j]) * inv;
-        probe[j] += u - u;
-        lane[j] = accumulate<kind>(lane[j], u, p);
+// One block (at most kBlock floats) of x * inv, reduced in float lanes, folded in a fixed order into a double.
+template <NormKind kind, bool kUnscale>
+double reduce_block(const float* x, int64_t n, float inv, float p) {
+  float tail = 0.0f;
+  int64_t i = 0;
+  double out = 0.0;
+  if constexpr (kind == NormKind::kP) {  // pow() does not vectorise; 4 scalar lanes keep the fixed order
+    float lane[4] = {};
+    for (; i + 4 <= n; i += 4) {
+      for (int j = 0; j < 4; ++j) lane[j] = accumulate<kind>(lane[j], kUnscale ? x[i + j] * inv : x[i + j], p);
+    }
+    for (int j = 0; j < 4; ++j) out += lane[j];
+  } else {
+    const vfloat4 vinv = {inv, inv, inv, inv};
+    vfloat4 acc[kVecs] = {};
+    for (; i + kStep <= n; i += kStep) {
+      for (int j = 0; j < kVecs; ++j) {
+        vfloat4 u = load4(x + i + 4 * j);
+        if constexpr (kUnscale) u *= vinv;
+        acc[j] = accumulate4<kind>(acc[j], u);
       }
     }
-    for (; i < end; ++i) {
-      const acc_t u = static_cast<acc_t>(x[i]) * inv;
-      probe[0] += u - u;
-      lane[0] = accumulate<kind>(lane[0], u, p);
-    }
-    for (int j = 0; j < kLanes; ++j) partial = fold<kind>(partial, static_cast<double>(lane[j]));
+    // Pairwise in float, then four lanes into the double: a short fixed-order chain.
+    const vfloat4 folded = combine4<kind>(combine4<kind>(acc[0], acc[1]), combine4<kind>(acc[2], acc[3]));
+    for (int k = 0; k < 4; ++k) out = fold<kind>(out, folded[k]);
   }
-  for (int j = 0; j < kLanes; ++j) nonfinite |= probe[j] != probe[j];
-  return partial;
+  for (; i < n; ++i) tail = accumulate<kind>(tail, kUnscale ? x[i] * inv : x[i], p);
+  return fold<kind>(out, tail);
+}
+
+// Reduces n floats like reduce_block, reading four interleaved streams (the quarters of the range) at once:
+// more reads in flight than one stream keeps the memory bus busier (measured on this 2-core Xeon: one stream
+// reads 9.4 GB/s per core, four streams 11.9 GB/s, torch's own sum 12.4 GB/s).
+template <NormKind kind, bool kUnscale>
+double reduce_streams(const float* x, int64_t n, float inv, float p) {
+  if constexpr (kind == NormKind::kP) {
+    double out = 0.0;
+    for (int64_t b = 0; b < n; b += kBlock) out += reduce_block<kind, kUnscale>(x + b, std::min(kBlock, n - b), inv, p);
+    return out;
+  } else {
+    constexpr int kStreams = 4;
+    constexpr int64_t kSub = kBlock / kStreams;  // elements per stream between two flushes
+    const int64_t per_stream = n / (kStreams * kSub) * kSub;
+    const vfloat4 vinv = {inv, inv, inv, inv};
+    double out = 0.0;
+    for (int64_t b = 0; b < per_stream; b += kSub) {
+      vfloat4 acc[kStreams][2] = {};
+      for (int64_t i = b; i < b + kSub; i += 8) {
+        for (int s = 0; s < kStreams; ++s) {
+          for (int j = 0; j < 2; ++j) {
+            vfloat4 u = load4(x + s * per_stream + i + 4 * j);
+            if constexpr (kUnscale) u *= vinv;
+            acc[s][j] = accumulate4<kind>(acc[s][j], u);
+          }
+        }
+      }
+      const vfloat4 folded = combine4<kind>(
+          combine4<kind>(combine4<kind>(acc[0][0], acc[0][1]), combine4<kind>(acc[1][0], acc[1][1])),
+          combine4<kind>(combine4<kind>(acc[2][0], acc[2][1]), combine4<kind>(acc[3][0], acc[3][1])));
+      for (int k = 0; k < 4; ++k) out = fold<kind>(out, folded[k]);
+    }
+    for (int64_t b = kStreams * per_stream; b < n; b += kBlock) {
+      out = fold<kind>(out, reduce_block<kind, kUnscale>(x + b, std::min(kBlock, n - b), inv, p));
+    }
+    return out;
+  }
+}
+
+// Reduces a chunk to one double partial: the sum of |x * inv|^p, or max |x * inv|. float gradients are read
+// in place; half and bfloat16 are widened a block at a time into a buffer that stays in L1.
+template <typename scalar_t, NormKind kind, bool kUnscale>
+double reduce_chunk(const scalar_t* x, int64_t n, double inv, double p) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    double acc = 0.0;
+    for (int64_t i = 0; i < n; ++i) acc = accumulate<kind>(acc, kUnscale ? x[i] * inv : x[i], p);
+    return acc;
+  } else {
+    const auto inv_f = static_cast<float>(inv);
+    const auto p_f = static_cast<float>(p);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return reduce_streams<kind, kUnscale>(x, n, inv_f, p_f);
+    } else {
+      double partial = 0.0;
+      float buffer[kBlock];
+      for (int64_t block = 0; block < n; block += kBlock) {
+        const int64_t m = std::min(n - block, kBlock);
+        for (int64_t i = 0; i < m; ++i) buffer[i] = static_cast<float>(x[block + i]);
+        partial = fold<kind>(partial, reduce_block<kind, kUnscale>(buffer, m, inv_f, p_f));
+      }
+      return partial;
+    }
+  }
+}
+
+// Exact inf/NaN test of x * inv, run only when a chunk's partial is not finite: that is the case whenever an
+// element is inf or NaN, so the fast loop needs no probe, and a partial that merely overflowed (squares of
+// finite values past 3.4e38) is not reported as inf/NaN.
+template <typename scalar_t>
+bool has_nonfinite(const scalar_t* x, int64_t n, double inv) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const auto inv_a = static_cast<acc_t>(inv);
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(static_cast<acc_t>(x[i]) * inv_a)) return true;
+  }
+  return false;
 }
 
 template <typename scalar_t>
-double reduce_chunk_any(const scalar_t* x, int64_t n, double inv, NormKind kind, double p, bool& nonfinite) {
-  using acc_t = acc_type<scalar_t>;
-  const auto inv_a = static_cast<acc_t>(inv);
-  const auto p_a = static_cast<acc_t>(p);
+double reduce_any(const scalar_t* x, int64_t n, bool unscale, double inv, NormKind kind, double p, bool& nonfinite) {
+  double partial;
+#define AMPCLIP_REDUCE(KIND)                                                                       \
+  partial = unscale ? reduce_chunk<scalar_t, KIND, true>(x, n, inv, p) : reduce_chunk<scalar_t, KIND, false>(x, n, inv, p)
   switch (kind) {
-    case NormKind::kL2: return reduce_chunk<scalar_t, NormKind::kL2>(x, n, inv_a, p_a, nonfinite);
-    case NormKind::kL1: return reduce_chunk<scalar_t, NormKind::kL1>(x, n, inv_a, p_a, nonfinite);
-    case NormKind::kInf: return reduce_chunk<scalar_t, NormKind::kInf>(x, n, inv_a, p_a, nonfinite);
-    default: return reduce_chunk<scalar_t, NormKind::kP>(x, n, inv_a, p_a, nonfinite);
+    case NormKind::kL2: AMPCLIP_REDUCE(NormKind::kL2); break;
+    case NormKind::kL1: AMPCLIP_REDUCE(NormKind::kL1); break;
+    case NormKind::kInf: AMPCLIP_REDUCE(NormKind::kInf); break;
+    default: AMPCLIP_REDUCE(NormKind::kP); break;
   }
+#undef AMPCLIP_REDUCE
+  nonfinite = !std::isfinite(partial) && has_nonfinite(x, n, unscale ? inv : 1.0);
+  return partial;
 }
 
 void check_grads(at::TensorList grads, const char* op) {
@@ -166,8 +279,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_pass_cpu(at::TensorList grad
       const auto& t = src[item.tensor];
       bool nonfinite = false;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "ampclip_norm_pass_cpu", [&] {
-        partial[i] = reduce_chunk_any<scalar_t>(t.const_data_ptr<scalar_t>() + item.begin, item.end - item.begin,
-                                                inv, kind, norm_type, nonfinite);
+        partial[i] = reduce_any<scalar_t>(t.const_data_ptr<scalar_t>() + item.begin, item.end - item.begin,
+                                          inv_scale.has_value(), inv, kind, norm_type, nonfinite);
       });
       chunk_nonfinite[i] = nonfinite;
     }
@@ -196,18 +309,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_pass_cpu(at::TensorList grad
   return {norms, total_norm, found_inf};
 }
 
+// x <- clamp(x * inv, -clip, clip) * coef, rounded once. Written as compares and selects so that the float
+// loop vectorises; a NaN passes through the clamp, as in torch.clamp.
 template <typename scalar_t>
 void scale_chunk(scalar_t* x, int64_t n, double inv, bool has_clip, double clip, double coef) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const auto inv_a = static_cast<acc_t>(inv);
-  const auto lo = static_cast<acc_t>(-clip);
   const auto hi = static_cast<acc_t>(clip);
+  const auto lo = -hi;
   const auto coef_a = static_cast<acc_t>(coef);
   if (has_clip) {
-    // std::max/min keep a NaN in their first argument, as torch.clamp does.
     for (int64_t i = 0; i < n; ++i) {
-      const acc_t u = static_cast<acc_t>(x[i]) * inv_a;
-      x[i] = static_cast<scalar_t>(std::min(std::max(u, lo), hi) * coef_a);
+      acc_t u = static_cast<acc_t>(x[i]) * inv_a;
+      u = u < lo ? lo : u;
+      u = u > hi ? hi : u;
+      x[i] = static_cast<scalar_t>(u * coef_a);
     }
   } else {
     for (int64_t i = 0; i < n; ++i) x[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * inv_a * coef_a);
