@@ -1,0 +1,71 @@
+"""Random gradient sets and comparisons shared by the test files."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Odd sizes on purpose: 1 element, 3, one past a power of two, zero-size, a tensor that spans two CPU work
+# chunks (65,536 elements each) with a short tail, and 2-D/3-D shapes.
+ODD_SHAPES = [(1,), (3,), (4097,), (0,), (65536 + 1000,), (33, 17), (2, 3, 5), (7, 0), (128,)]
+
+def random_grads(shapes, dtypes=(torch.float32,), scale=1.0, noncontiguous_every=0, seed=0):
+    """Random gradients (never zeros) with dtypes cycling through ``dtypes``.
+
+    Every ``noncontiguous_every``-th 2-D-able gradient is made a strided view (a transpose or a slice).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    grads = []
+    for i, shape in enumerate(shapes):
+        dtype = dtypes[i % len(dtypes)]
+        g = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+        if noncontiguous_every and i % noncontiguous_every == 0 and g.numel() > 1:
+            if g.dim() >= 2:
+                g = g.transpose(0, 1).contiguous().transpose(0, 1)  # same values, transposed strides
+            else:
+                g = torch.stack([g, g], dim=1)[:, 0]  # a stride-2 view with the same values
+            assert not g.is_contiguous()
+        grads.append(g)
+    return grads
+
+
+def clone_all(tensors):
+    return [t.clone() for t in tensors]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Raw bits, so that NaNs compare equal and -0.0 differs from 0.0."""
+    view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(view)
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def exact_per_tensor(grads, norm_type, inv_scale=None):
+    from ampclip.reference import exact_norm
+
+    return [exact_norm([g], norm_type, inv_scale) for g in grads]
+
+
+def rel_close(actual: float, expected: float, rtol: float) -> bool:
+    if math.isnan(expected):
+        return math.isnan(actual)
+    if math.isinf(expected):
+        return actual == expected
+    return abs(actual - expected) <= rtol * max(abs(expected), 1e-30)
+
+
+def norm_rtol(norm_type: float) -> float:
+    """fp32 accumulation error allowed against fp64 (p-norms go through pow(), which rounds more)."""
+    return 2e-6 if norm_type in (1.0, 2.0, math.inf) else 5e-5
+
+
+def put_nonfinite(grads, tensor_index, position, value):
+    """Writes ``value`` (inf or NaN) at ``position`` ("first", "last", "tail" or an int) of one gradient."""
+    flat = grads[tensor_index].view(-1)  # callers pass contiguous gradients
+    index = {"first": 0, "last": flat.numel() - 1, "tail": flat.numel() - 3}.get(position, position)
+    flat[index] = value
+    return index

@@ -1,0 +1,198 @@
+"""The reference and C++ CPU backends against the op contract and an fp64 exact computation."""
+
+import math
+
+import pytest
+import torch
+
+import ampclip
+from ampclip import ops, reference
+
+from helpers import (
+    ODD_SHAPES,
+    bitwise_equal,
+    clone_all,
+    exact_per_tensor,
+    norm_rtol,
+    put_nonfinite,
+    random_grads,
+    rel_close,
+)
+
+BACKENDS = [
+    "reference",
+    pytest.param("cpp", marks=pytest.mark.skipif(not ampclip.ops.available_backends()["cpp"], reason="no _C")),
+]
+NORMS = [pytest.param(p, id=f"p{p}") for p in (1.0, 2.0, 3.0, math.inf)]
+DTYPE_MIXES = [
+    pytest.param((torch.float32,), id="fp32"),
+    pytest.param((torch.float16,), id="fp16"),
+    pytest.param((torch.bfloat16,), id="bf16"),
+    pytest.param((torch.float64,), id="fp64"),
+    pytest.param((torch.float32, torch.float16, torch.bfloat16), id="mixed"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm_type", NORMS)
+@pytest.mark.parametrize("dtypes", DTYPE_MIXES)
+@pytest.mark.parametrize("unscale", [None, 1 / 1024], ids=["plain", "unscale"])
+def test_norm_pass_matches_fp64(backend, norm_type, dtypes, unscale):
+    grads = random_grads(ODD_SHAPES, dtypes, scale=3.0, noncontiguous_every=3)
+    inv = None if unscale is None else torch.tensor(unscale)
+    per_tensor, total, found_inf = ops.norm_pass(grads, inv, norm_type, backend=backend)
+
+    want_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+    assert per_tensor.dtype == total.dtype == want_dtype and found_inf.dtype == torch.float32
+    assert per_tensor.shape == (len(grads),) and total.shape == () and found_inf.shape == ()
+    assert found_inf.item() == 0.0
+    rtol = norm_rtol(norm_type) if backend == "cpp" else 1e-4  # torch's own fp32 norm is less exact
+    exact = reference.exact_norm(grads, norm_type, unscale)
+    assert rel_close(total.item(), exact, rtol), (total.item(), exact)
+    for got, want in zip(per_tensor.tolist(), exact_per_tensor(grads, norm_type, unscale)):
+        assert rel_close(got, want, rtol), (got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("position", ["first", "last", "tail", 65536 + 5], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_found_inf_is_exact(backend, value, position, dtype):
+    shapes = [(70001,), (5,), (4097,)]
+    grads = random_grads(shapes, (dtype,))
+    index = 0 if position == 65536 + 5 else 2
+    put_nonfinite(grads, index, position, value)
+    per_tensor, total, found_inf = ops.norm_pass(grads, None, 2.0, backend=backend)
+    assert found_inf.item() == 1.0
+    assert not math.isfinite(total.item())
+    assert not math.isfinite(per_tensor[index].item())
+    assert math.isfinite(per_tensor[1].item())  # the finite tensors keep finite norms
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_found_inf_not_set_for_finite_overflow(backend):
+    # Squares of 1e20 overflow float32, but nothing is inf or NaN: found_inf must stay 0.
+    grads = [torch.full((100,), 1e20), torch.randn(10)]
+    _, total, found_inf = ops.norm_pass(grads, None, 2.0, backend=backend)
+    assert found_inf.item() == 0.0
+    # ... and an unscale that overflows to inf is caught, since the check is on the unscaled values.
+    _, _, found_inf = ops.norm_pass([torch.full((3,), 1e30)], torch.tensor(1e10), 2.0, backend=backend)
+    assert found_inf.item() == 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_inv_scale_flags_inf(backend):
+    grads = [torch.randn(100)]
+    grads[0][7] = math.inf  # inf * 0 is NaN
+    assert ops.norm_pass(grads, torch.tensor(0.0), 2.0, backend=backend)[2].item() == 1.0
+
+
+def test_cpp_norm_is_bitwise_reproducible_across_thread_counts():
+    grads = random_grads([(300_000,), (70001,), (3,), (4097,)], (torch.float32, torch.bfloat16))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(ops.norm_pass(grads, torch.tensor(0.25), 2.0, backend="cpp"))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtypes", DTYPE_MIXES)
+@pytest.mark.parametrize("clip_value", [None, 0.5], ids=["noclamp", "clamp"])
+@pytest.mark.parametrize("unscale", [None, 0.125], ids=["plain", "unscale"])
+@pytest.mark.parametrize("per_tensor_coef", [False, True], ids=["global", "per_tensor"])
+def test_scale_pass_matches_fp64(backend, dtypes, clip_value, unscale, per_tensor_coef):
+    grads = random_grads(ODD_SHAPES, dtypes, scale=2.0, noncontiguous_every=4)
+    before = clone_all(grads)
+    n = len(grads)
+    coef = torch.linspace(0.1, 0.9, n) if per_tensor_coef else torch.tensor(0.3)
+    if torch.float64 in dtypes:
+        coef = coef.double()
+    inv = None if unscale is None else torch.tensor(unscale)
+    ops.scale_pass(grads, coef, inv, clip_value, backend=backend)
+    coefs = coef.expand(n) if coef.dim() == 0 else coef
+    for g, g0, c in zip(grads, before, coefs.tolist()):
+        u = g0.double() * (1.0 if unscale is None else unscale)
+        if clip_value is not None:
+            u = u.clamp(-clip_value, clip_value)
+        want = (u * c).to(g.dtype)
+        # One rounding to the gradient's dtype, plus float32 arithmetic before it.
+        tol = {torch.float64: 1e-12, torch.float32: 2e-7}.get(g.dtype, 1e-2)
+        torch.testing.assert_close(g, want, rtol=tol, atol=1e-30)
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_MIXES)
+@pytest.mark.parametrize("clip_value", [None, 0.5], ids=["noclamp", "clamp"])
+def test_cpp_scale_pass_bitwise_equals_reference(dtypes, clip_value):
+    if not ops.available_backends()["cpp"]:
+        pytest.skip("no _C")
+    grads = random_grads(ODD_SHAPES, dtypes, scale=2.0, noncontiguous_every=4)
+    twin = clone_all(grads)
+    coef = torch.tensor(0.37, dtype=torch.float64 if torch.float64 in dtypes else torch.float32)
+    inv = torch.tensor(0.5)
+    ops.scale_pass(grads, coef, inv, clip_value, backend="cpp")
+    ops.scale_pass(twin, coef, inv, clip_value, backend="reference")
+    for a, b in zip(grads, twin):
+        assert bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("zero_if_inf", [False, True], ids=["leave", "zero"])
+def test_scale_pass_on_found_inf(backend, zero_if_inf):
+    grads = random_grads([(100,), (70001,), (1,)], (torch.float32, torch.float16))
+    grads[1][0] = math.nan
+    before = clone_all(grads)
+    ops.scale_pass(grads, torch.tensor(0.5), torch.tensor(2.0), 1.0, torch.tensor(1.0), zero_if_inf, backend=backend)
+    for g, g0 in zip(grads, before):
+        if zero_if_inf:
+            assert bitwise_equal(g, torch.zeros_like(g0))
+        else:
+            assert bitwise_equal(g, g0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_pass_with_unit_coef_leaves_bits_alone(backend):
+    grads = random_grads(ODD_SHAPES, (torch.float32, torch.bfloat16))
+    grads[0][0] = math.nan
+    grads[2][-1] = -0.0
+    before = clone_all(grads)
+    ops.scale_pass(grads, torch.tensor(1.0), backend=backend)
+    assert all(bitwise_equal(g, g0) for g, g0 in zip(grads, before))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_tiny_tensors(backend):
+    grads = random_grads([(4,)] * 3000, (torch.float32, torch.float16))
+    per_tensor, total, _ = ops.norm_pass(grads, None, 2.0, backend=backend)
+    assert rel_close(total.item(), reference.exact_norm(grads, 2.0), 1e-5)
+    want = torch.tensor(exact_per_tensor(grads, 2.0), dtype=torch.float32)
+    torch.testing.assert_close(per_tensor, want, rtol=1e-5, atol=0)
+    before = clone_all(grads)
+    ops.scale_pass(grads, torch.tensor(0.25), backend=backend)
+    for g, g0 in zip(grads, before):
+        torch.testing.assert_close(g, g0 * 0.25, rtol=0, atol=0)  # a power of two scales exactly
+
+
+def test_cpp_rejects_bad_input_before_writing():
+    if not ops.available_backends()["cpp"]:
+        pytest.skip("no _C")
+    good = torch.randn(10)
+    before = good.clone()
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.norm_pass([good, torch.ones(3, dtype=torch.int32)], backend="cpp")
+    with pytest.raises(RuntimeError, match="coef"):
+        ops.scale_pass([good], torch.ones(2), backend="cpp")
+    with pytest.raises(RuntimeError, match="not dense|SparseCPU"):
+        ops.scale_pass([good, torch.randn(3).to_sparse()], torch.tensor(0.5), backend="cpp")
+    assert bitwise_equal(good, before)
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown ampclip backend"):
+        ops.norm_pass([torch.randn(3)], backend="cuda-magic")

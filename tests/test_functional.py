@@ -1,0 +1,291 @@
+"""Drop-in parity of ampclip.clip_grad_norm_ & co. with torch.nn.utils, and the documented differences."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ampclip
+from ampclip import reference
+
+from helpers import ODD_SHAPES, bitwise_equal, random_grads, rel_close
+
+NORMS = [pytest.param(p, id=f"p{p}") for p in (1.0, 2.0, 3.0, math.inf)]
+DTYPE_MIXES = [
+    pytest.param((torch.float32,), id="fp32"),
+    pytest.param((torch.float16,), id="fp16"),
+    pytest.param((torch.bfloat16,), id="bf16"),
+    pytest.param((torch.float64,), id="fp64"),
+    pytest.param((torch.float32, torch.float16, torch.bfloat16), id="mixed"),
+]
+# torch keeps per-tensor norms in the gradient dtype, so its result carries that dtype's rounding.
+TORCH_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def make_params(grads, none_every=0):
+    """Parameters carrying ``grads``; every ``none_every``-th one gets no gradient at all."""
+    params = []
+    for i, g in enumerate(grads):
+        p = torch.nn.Parameter(torch.empty(g.shape, dtype=g.dtype))
+        p.grad = g.clone() if g.is_contiguous() else g.clone(memory_format=torch.preserve_format)
+        params.append(p)
+        if none_every and i % none_every == 0:
+            params.append(torch.nn.Parameter(torch.randn(3)))  # grad stays None
+    return params
+
+
+def twin_params(grads, none_every=0):
+    ours, theirs = make_params(grads, none_every), make_params(grads, none_every)
+    for a, b in zip(ours, theirs):
+        if a.grad is not None and not a.grad.is_contiguous():
+            # keep the strided layout: a strided view into a larger buffer
+            a.grad = torch.stack([a.grad, a.grad], dim=-1)[..., 0]
+            b.grad = torch.stack([b.grad, b.grad], dim=-1)[..., 0]
+    return ours, theirs
+
+
+def loosest_rtol(dtypes):
+    return max(TORCH_RTOL[d] for d in dtypes)
+
+
+@pytest.mark.parametrize("norm_type", NORMS)
+@pytest.mark.parametrize("dtypes", DTYPE_MIXES)
+@pytest.mark.parametrize("clipping", [True, False], ids=["clip", "noclip"])
+def test_clip_grad_norm_matches_torch_and_fp64(norm_type, dtypes, clipping):
+    # Shapes without zero-size tensors: torch's inf-norm raises on them (tested separately below).
+    shapes = [s for s in ODD_SHAPES if math.prod(s) > 0] * 3
+    grads = random_grads(shapes, dtypes, scale=0.5, noncontiguous_every=5)
+    exact = reference.exact_norm(grads, norm_type)
+    max_norm = exact / 3 if clipping else exact * 3
+    ours, theirs = twin_params(grads, none_every=4)
+
+    got = ampclip.clip_grad_norm_(ours, max_norm, norm_type)
+    want = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type)
+
+    assert got.dtype == (torch.float64 if torch.float64 in dtypes else torch.float32)
+    assert rel_close(got.item(), exact, 5e-5 if norm_type == 3.0 else 2e-6)
+    torch_overflowed = not math.isfinite(want.item())  # fp16 per-tensor norms past 65504: documented
+    assert not torch_overflowed or (torch.float16 in dtypes and exact > 65504)
+    if not torch_overflowed:
+        assert rel_close(got.item(), want.item(), loosest_rtol(dtypes) + 5e-5)
+    coef = min(1.0, max_norm / (exact + 1e-6))
+    for a, b, g in zip((p for p in ours if p.grad is not None), (p for p in theirs if p.grad is not None), grads):
+        if not clipping:
+            assert bitwise_equal(a.grad, g)  # coefficient 1: not touched at all
+        # atol: one step of fp16's subnormals, where relative precision runs out.
+        atol = 6e-8 if g.dtype == torch.float16 else 1e-30
+        torch.testing.assert_close(a.grad.double(), g.double() * coef, rtol=TORCH_RTOL[g.dtype], atol=atol)
+        if not torch_overflowed:  # torch's coefficient carries the rounding of its loosest dtype
+            torch.testing.assert_close(a.grad, b.grad, rtol=2 * loosest_rtol(dtypes), atol=atol)
+
+
+@pytest.mark.parametrize("norm_type", NORMS)
+def test_get_total_norm_and_clip_grads_with_norm_match_torch(norm_type):
+    grads = random_grads([s for s in ODD_SHAPES if math.prod(s) > 0], (torch.float32,))
+    total = ampclip.get_total_norm(grads, norm_type)
+    want = torch.nn.utils.get_total_norm(grads, norm_type)
+    assert rel_close(total.item(), want.item(), 1e-4 if norm_type == 3.0 else 1e-5)
+    ours, theirs = twin_params(grads)
+    ampclip.clip_grads_with_norm_(ours, 0.7, total)
+    torch.nn.utils.clip_grads_with_norm_(theirs, 0.7, total)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=2e-6, atol=1e-30)
+
+
+def test_edge_cases_empty_single_generator():
+    assert ampclip.clip_grad_norm_([], 1.0).item() == 0.0
+    assert ampclip.clip_grad_norm_([torch.nn.Parameter(torch.randn(3))], 1.0).item() == 0.0  # no grads
+    assert ampclip.get_total_norm([]).item() == 0.0
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0, 0.0])
+    assert ampclip.clip_grad_norm_(p, 1.0).item() == 5.0  # a single tensor
+    torch.testing.assert_close(p.grad, torch.tensor([0.6, 0.8, 0.0, 0.0, 0.0]), rtol=1e-6, atol=0)
+    params = make_params(random_grads([(10,), (20,)]))
+    expected = reference.exact_norm([q.grad for q in params], 2.0)
+    got = ampclip.clip_grad_norm_((q for q in params), 1e9)  # a generator, consumed once
+    assert rel_close(got.item(), expected, 1e-6)
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
+@pytest.mark.parametrize("position", ["first", "last", "tail"])
+def test_nonfinite_gradients_match_torch(value, position):
+    grads = random_grads([(70001,), (17,), (4097,)])
+    flat = grads[2].view(-1)
+    flat[{"first": 0, "last": -1, "tail": 4094}[position]] = value
+    ours, theirs = twin_params(grads)
+    got = ampclip.clip_grad_norm_(ours, 1.0)
+    want = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert (math.isnan(got.item()) and math.isnan(want.item())) or got.item() == want.item()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, equal_nan=True, rtol=0, atol=0)
+
+
+def test_error_if_nonfinite_raises_before_touching_anything():
+    grads = random_grads([(100,), (7,)])
+    grads[1][3] = math.nan
+    params = make_params(grads)
+    before = [p.grad.clone() for p in params]
+    with pytest.raises(RuntimeError, match="non-finite"):
+        ampclip.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+    assert all(bitwise_equal(p.grad, b) for p, b in zip(params, before))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        ampclip.get_total_norm([p.grad for p in params], error_if_nonfinite=True)
+
+
+def test_fp16_norm_past_65504_is_finite_and_clips():
+    # 10,000 elements of 1000: the norm is 1e5, past fp16's largest value.
+    grads = [torch.full((10_000,), 1000.0, dtype=torch.float16)]
+    ours, theirs = make_params(grads), make_params(grads)
+    got = ampclip.clip_grad_norm_(ours, 1.0)
+    want = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert got.dtype == torch.float32 and rel_close(got.item(), 1e5, 1e-6)
+    assert math.isinf(want.item())  # torch: inf, and its gradients are zeroed
+    clipped = reference.exact_norm([ours[0].grad], 2.0)
+    assert rel_close(clipped, 1.0, 1e-3)  # fp16 rounding of 0.01
+
+
+def test_bf16_gets_an_accurate_coefficient():
+    grads = random_grads([(50_000,), (3000,)], (torch.bfloat16,), scale=0.37)
+    exact = reference.exact_norm(grads, 2.0)
+    ours = make_params(grads)
+    got = ampclip.clip_grad_norm_(ours, exact / 2)
+    assert got.dtype == torch.float32 and rel_close(got.item(), exact, 2e-6)
+    for p, g in zip(ours, grads):  # each element is the exact product, rounded once to bf16
+        want = (g.double() * (exact / 2) / (exact + 1e-6)).to(torch.bfloat16)
+        diff = (p.grad.float() - want.float()).abs() / want.float().abs().clamp_min(1e-30)
+        assert diff.max().item() <= 2 ** -8
+
+
+def test_inf_norm_with_zero_size_tensor_works():
+    grads = [torch.randn(5), torch.empty(0), torch.randn(3)]
+    expected = max(g.abs().max().item() for g in grads if g.numel())
+    assert ampclip.get_total_norm(grads, math.inf).item() == expected
+    params = make_params(grads)
+    assert ampclip.clip_grad_norm_(params, 0.1, math.inf).item() == expected
+
+
+@pytest.mark.parametrize("max_norm", [-1.0, math.nan, "x"], ids=["negative", "nan", "string"])
+def test_invalid_max_norm_raises_before_touching(max_norm):
+    params = make_params(random_grads([(10,), (3,)]))
+    before = [p.grad.clone() for p in params]
+    with pytest.raises((ValueError, TypeError), match="max_norm"):
+        ampclip.clip_grad_norm_(params, max_norm)
+    with pytest.raises((ValueError, TypeError), match="max_norm"):
+        ampclip.clip_grads_with_norm_(params, max_norm, torch.tensor(1.0))
+    assert all(bitwise_equal(p.grad, b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("norm_type", [0, -2.0, math.nan, -math.inf, "fro"], ids=str)
+def test_invalid_norm_type(norm_type):
+    params = make_params(random_grads([(10,)]))
+    with pytest.raises(ValueError, match="norm_type"):
+        ampclip.clip_grad_norm_(params, 1.0, norm_type)
+
+
+def test_norm_type_string_inf_is_accepted_like_torch():
+    params = make_params(random_grads([(10,)]))
+    assert ampclip.clip_grad_norm_(params, 1e9, "inf").item() == params[0].grad.abs().max().item()
+
+
+def test_bad_parameters_give_clear_errors_with_nothing_modified():
+    good = make_params(random_grads([(10,)]))[0]
+    before = good.grad.clone()
+    with pytest.raises(TypeError, match="iterable"):
+        ampclip.clip_grad_norm_(5, 1.0)
+    with pytest.raises(TypeError, match="Tensors"):
+        ampclip.clip_grad_norm_([good, "weight"], 1.0)
+    sparse = torch.nn.Parameter(torch.randn(4))
+    sparse.grad = torch.randn(4).to_sparse()
+    with pytest.raises(TypeError, match="dense"):
+        ampclip.clip_grad_norm_([good, sparse], 0.01)
+    complex_param = torch.nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    complex_param.grad = torch.randn(4, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="complex"):
+        ampclip.clip_grad_norm_([good, complex_param], 0.01)
+    assert bitwise_equal(good.grad, before)
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_MIXES)
+def test_clip_grad_value_matches_torch(dtypes):
+    grads = random_grads(ODD_SHAPES, dtypes, scale=2.0, noncontiguous_every=3)
+    ours, theirs = twin_params(grads)
+    ampclip.clip_grad_value_(ours, 0.75)
+    torch.nn.utils.clip_grad_value_(theirs, 0.75)
+    for a, b in zip(ours, theirs):
+        assert bitwise_equal(a.grad, b.grad)
+
+
+def test_clip_grad_value_rejects_negative():
+    params = make_params(random_grads([(10,)]))
+    with pytest.raises(ValueError, match="clip_value"):
+        ampclip.clip_grad_value_(params, -0.5)
+
+
+def test_compute_gradient_norm():
+    model = torch.nn.Sequential(torch.nn.Linear(10, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    assert ampclip.compute_gradient_norm(model) == 0.0  # before any backward pass
+    model(torch.randn(4, 10)).pow(2).sum().backward()
+    norm = ampclip.compute_gradient_norm(model)
+    assert isinstance(norm, float) and norm > 0
+    grads = [p.grad for p in model.parameters()]
+    assert rel_close(norm, reference.exact_norm(grads, 2.0), 1e-6)
+    torch_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e9).item()
+    assert abs(norm - torch_norm) <= 1e-6 * norm
+    assert norm == ampclip.clip_grad_norm_(model.parameters(), max_norm=1e9).item()
+    half = make_params([g.half() for g in grads])
+    assert rel_close(ampclip.compute_gradient_norm(half), reference.exact_norm([p.grad for p in half], 2.0), 1e-6)
+
+
+def test_float64_gradients_give_a_float64_norm():
+    grads = random_grads([(100,), (5,)], (torch.float64,))
+    got = ampclip.get_total_norm(grads)
+    assert got.dtype == torch.float64 and rel_close(got.item(), reference.exact_norm(grads, 2.0), 1e-12)
+
+
+def test_patch_torch_routes_calls_and_unpatch_restores():
+    original = torch.nn.utils.clip_grad_norm_
+    ampclip.patch_torch()
+    try:
+        assert torch.nn.utils.clip_grad_norm_ is ampclip.clip_grad_norm_
+        assert torch.nn.utils.clip_grad.clip_grad_norm_ is ampclip.clip_grad_norm_
+        fp16 = make_params([torch.full((10_000,), 1000.0, dtype=torch.float16)])
+        assert math.isfinite(torch.nn.utils.clip_grad_norm_(fp16, 1.0).item())
+    finally:
+        ampclip.unpatch_torch()
+    assert torch.nn.utils.clip_grad_norm_ is original
+
+
+def test_import_without_extension_warns_once_and_falls_back():
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['ampclip._C'] = None\n"  # makes `from . import _C` raise ImportError
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import ampclip, ampclip.ops, ampclip.functional\n"
+        "import torch\n"
+        "msgs = [str(w.message) for w in caught if 'ampclip._C' in str(w.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert ampclip.backend()['in_use']['cpu'] == 'reference'\n"
+        "p = torch.nn.Parameter(torch.randn(3)); p.grad = torch.tensor([3.0, 4.0, 0.0])\n"
+        "assert ampclip.clip_grad_norm_([p], 1.0).item() == 5.0\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.gpu
+def test_mixed_device_gradients_give_the_right_result():
+    grads = [torch.randn(1000), torch.randn(300, device="cuda"), torch.randn(7, device="cuda").half()]
+    exact = reference.exact_norm(grads, 2.0)
+    params = make_params(grads)
+    for p, g in zip(params, grads):
+        p.data = p.data.to(g.device)
+        p.grad = g.clone()
+    got = ampclip.clip_grad_norm_(params, exact / 2)
+    assert got.device == grads[0].device and rel_close(got.item(), exact, 1e-5)
+    assert rel_close(reference.exact_norm([p.grad for p in params], 2.0), exact / 2, 2e-3)
