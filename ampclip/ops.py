@@ -28,7 +28,6 @@ custom-op boxing costs about 0.5 µs per tensor, which on 10,000 tiny gradients 
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -67,9 +66,13 @@ def _load_triton() -> Optional[_Backend]:
 _LOADERS = {"reference": _load_reference, "cpp": _load_cpp, "triton": _load_triton}
 
 
-@functools.cache
+_loaded: dict[str, Optional[_Backend]] = {}
+
+
 def _get(name: str) -> Optional[_Backend]:
-    return _LOADERS[name]()
+    if name not in _loaded:
+        _loaded[name] = _LOADERS[name]()
+    return _loaded[name]
 
 
 def available_backends() -> dict[str, bool]:
@@ -83,6 +86,7 @@ def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@torch.compiler.assume_constant_result  # traced once as a constant: no guard on the backend tables
 def resolve_backend(name: Optional[str], device: torch.device) -> str:
     """The backend that runs for ``name`` (None or "auto" picks the fastest) on ``device``.
 
