@@ -7,6 +7,7 @@ Drop-in replacements for ``torch.nn.utils.clip_grad_norm_`` and friends::
 """
 
 from . import ops, reference
+from .clipper import ClipStats, FusedClipper
 from .functional import (
     clip_grad_norm_,
     clip_grad_value_,
@@ -21,6 +22,8 @@ from .ops import backend
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClipStats",
+    "FusedClipper",
     "backend",
     "clip_grad_norm_",
     "clip_grad_value_",

@@ -1,0 +1,356 @@
+"""FusedClipper: the per-step API. Unscale, inf/NaN check, norm (global, per tensor or per group) and clip
+in as few passes as the math allows, with every statistic left on the device.
+
+Bytes moved per step, N being the gradient bytes (see docs/clipper.md):
+
+* in place: one read for the norms (pass 1), one read and write for the clip (pass 2): 3N. Pass 2 exits
+  without touching memory when the coefficient is 1 and nothing is unscaled.
+* deferred (``defer_to=optimizer``): pass 1 only, N. ``loss_scale / coef`` and ``found_inf`` go to a fused
+  torch optimizer through ``optimizer.grad_scale`` / ``optimizer.found_inf``, the attributes torch's own
+  GradScaler uses, and the optimizer applies them while it reads the gradients anyway.
+* ``value_clip``: the clamp changes the norms, so it runs first as its own pass (one more read and write).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+
+from . import ops, reference
+from .functional import EPS, _checked_bound, _checked_norm_type, _check_grads
+
+__all__ = ["ClipStats", "FusedClipper"]
+
+MODES = ("global", "per_tensor", "per_group")
+NONFINITE_ACTIONS = ("leave", "zero")
+
+
+@dataclass
+class ClipStats:
+    """What one clip saw, as device tensors: reading them costs no host sync until you ask.
+
+    * ``total_norm``: 0-d, the norm of all unscaled gradients before clipping (after ``value_clip``).
+    * ``clip_coef``: 0-d in global mode, one per gradient in per-tensor mode, one per group in per-group mode.
+    * ``post_clip_norm``: 0-d, the total norm after clipping.
+    * ``found_inf``: 0-d float32, 1.0 when an unscaled gradient held inf or NaN.
+    * ``per_tensor_norms``: one pre-clip norm per gradient that existed, in parameter order.
+    * ``names``: the parameter names of those gradients, when names were given.
+    * ``group_norms``: per-group pre-clip norms in per-group mode.
+    """
+
+    total_norm: torch.Tensor
+    clip_coef: torch.Tensor
+    post_clip_norm: torch.Tensor
+    found_inf: torch.Tensor
+    per_tensor_norms: torch.Tensor
+    names: Optional[list[str]] = None
+    group_norms: Optional[torch.Tensor] = None
+
+    def named_norms(self) -> dict[str, torch.Tensor]:
+        """``{name: norm}`` (0-d device tensors); parameters are numbered when no names were given."""
+        names = self.names or [str(i) for i in range(len(self.per_tensor_norms))]
+        return dict(zip(names, self.per_tensor_norms.unbind()))
+
+    def to_dict(self) -> dict:
+        """Python floats for logging, fetched from the device with one sync."""
+        scalars = torch.stack([self.total_norm.float(), self.post_clip_norm.float(), self.found_inf.float()])
+        host = [t.detach().float().cpu() for t in (scalars, self.clip_coef.reshape(-1), self.per_tensor_norms)]
+        total, post, found = host[0].tolist()
+        coef = host[1].tolist()
+        out = {
+            "total_norm": total,
+            "post_clip_norm": post,
+            "found_inf": bool(found),
+            "clip_coef": coef[0] if self.clip_coef.dim() == 0 else coef,
+            "per_tensor_norms": dict(zip(self.names or range(len(coef)), host[2].tolist())),
+        }
+        if self.group_norms is not None:
+            out["group_norms"] = self.group_norms.float().cpu().tolist()
+        return out
+
+
+@dataclass
+class _FlatBuffers:
+    """Flat-bucket mode: one contiguous gradient buffer per dtype, each .grad a view into it."""
+
+    buffers: list[torch.Tensor]
+    views: list[torch.Tensor] = field(default_factory=list)
+
+
+class FusedClipper:
+    """Fused gradient clipping for a fixed set of parameters.
+
+    Args:
+        parameters: parameters, ``named_parameters()`` pairs (names appear in the stats), or optimizer
+            param groups (dicts with ``"params"``; they become the groups of per-group mode).
+        max_norm: the norm bound, >= 0.
+        norm_type: any p > 0, or inf.
+        mode: ``"global"`` (one norm over everything, like ``clip_grad_norm_``), ``"per_tensor"`` (each
+            gradient clipped to its own norm) or ``"per_group"`` (one norm per group).
+        groups: for per-group mode, a sequence of groups, each a sequence of parameters or names.
+        value_clip: clamp every unscaled element to ``[-value_clip, value_clip]`` before the norm clip.
+        flatten: re-home every ``.grad`` as a view into one contiguous buffer per dtype; backward then
+            accumulates into it and ``zero_grad`` is one fill (use ``zero_grad`` of this clipper or
+            ``optimizer.zero_grad(set_to_none=False)`` to keep the views).
+        backend: ``None``/"auto", "cpp", "triton" or "reference" (see ``ampclip.backend()``).
+        on_nonfinite: when a gradient holds inf/NaN, ``"leave"`` the gradients as they are (the step is
+            to be skipped) or ``"zero"`` them.
+
+    Example::
+
+        clipper = ampclip.FusedClipper(model.named_parameters(), max_norm=1.0)
+        loss.backward()
+        stats = clipper.clip_()                      # no host sync
+        optimizer.step()
+        if step % 100 == 0:
+            print(stats.to_dict()["total_norm"])     # one sync, for logging
+    """
+
+    def __init__(
+        self,
+        parameters: Union[Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]], Iterable[dict]],
+        max_norm: float = 1.0,
+        norm_type: float = 2.0,
+        mode: str = "global",
+        groups: Optional[Sequence[Sequence]] = None,
+        value_clip: Optional[float] = None,
+        flatten: bool = False,
+        backend: Optional[str] = None,
+        on_nonfinite: str = "leave",
+    ):
+        params, names, param_groups = _parse_parameters(parameters)
+        if not params:
+            raise ValueError("FusedClipper got no parameters")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {on_nonfinite!r}")
+        devices = {p.device for p in params}
+        if len(devices) != 1:
+            raise ValueError(f"FusedClipper needs all parameters on one device, got {sorted(map(str, devices))}")
+        self.device = devices.pop()
+        self.backend = ops.resolve_backend(backend, self.device)
+        self.params = params
+        self.names = names
+        self.max_norm = _checked_bound(max_norm, "max_norm")
+        self.norm_type = _checked_norm_type(norm_type)
+        self.mode = mode
+        self.value_clip = None if value_clip is None else _checked_bound(value_clip, "value_clip")
+        self.on_nonfinite = on_nonfinite
+        self._group_of_param = _group_indices(mode, groups, param_groups, params, names)
+        self.num_groups = 1 + max(self._group_of_param) if self._group_of_param else 0
+        self._group_index_cache: dict[tuple, torch.Tensor] = {}
+        self._hooked_optimizers: "weakref.WeakSet" = weakref.WeakSet()
+        self._flat: Optional[_FlatBuffers] = self._flatten() if flatten else None
+
+    # ----------------------------------------------------------------------------------------------------
+    def _flatten(self) -> _FlatBuffers:
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, p in enumerate(self.params):
+            by_dtype.setdefault(p.dtype, []).append(i)
+        buffers, views = [], [None] * len(self.params)
+        for dtype, indices in by_dtype.items():
+            buffer = torch.zeros(sum(self.params[i].numel() for i in indices), dtype=dtype, device=self.device)
+            offset = 0
+            for i in indices:
+                p = self.params[i]
+                view = buffer[offset : offset + p.numel()].view_as(p)
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                p.grad = view
+                views[i] = view
+                offset += p.numel()
+            buffers.append(buffer)
+        return _FlatBuffers(buffers, views)
+
+    def _flat_intact(self) -> bool:
+        return all(p.grad is v for p, v in zip(self.params, self._flat.views))
+
+    def zero_grad(self) -> None:
+        """Zero the gradients: one fill per buffer in flat mode, else ``.grad = None`` like torch."""
+        if self._flat is not None and self._flat_intact():
+            for buffer in self._flat.buffers:
+                buffer.zero_()
+            return
+        for p in self.params:
+            p.grad = None
+
+    # ----------------------------------------------------------------------------------------------------
+    def _present(self) -> tuple[list[int], list[torch.Tensor]]:
+        indices, grads = [], []
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                indices.append(i)
+                grads.append(p.grad)
+        return indices, grads
+
+    def _group_index(self, indices: list[int]) -> torch.Tensor:
+        key = tuple(indices)
+        cached = self._group_index_cache.get(key)
+        if cached is None:
+            cached = torch.tensor([self._group_of_param[i] for i in indices], device=self.device)
+            self._group_index_cache = {key: cached}  # the present set rarely changes: keep one entry
+        return cached
+
+    def _inv_scale(self, inv_scale) -> Optional[torch.Tensor]:
+        if inv_scale is None:
+            return None
+        if not isinstance(inv_scale, torch.Tensor):
+            tensor = getattr(inv_scale, "inv_scale", None)  # a DynamicLossScaler
+            if callable(tensor):
+                tensor = tensor()
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError("inv_scale must be None, a device tensor or an ampclip DynamicLossScaler")
+            inv_scale = tensor
+        if inv_scale.numel() != 1:
+            raise ValueError(f"inv_scale must hold one element, got {inv_scale.numel()}")
+        return inv_scale.to(self.device, torch.float32, non_blocking=True).reshape(())
+
+    def _coefficients(self, per_tensor: torch.Tensor, total: torch.Tensor, indices: list[int]):
+        """(clip_coef as reported, coefficient per gradient, group norms)."""
+        if self.mode == "global":
+            coef = (self.max_norm / (total + EPS)).clamp(max=1.0)
+            return coef, coef, None
+        if self.mode == "per_tensor":
+            coef = (self.max_norm / (per_tensor + EPS)).clamp(max=1.0)
+            return coef, coef, None
+        group_index = self._group_index(indices)
+        group_norms = _group_norms(per_tensor, group_index, self.num_groups, self.norm_type)
+        coef = (self.max_norm / (group_norms + EPS)).clamp(max=1.0)
+        return coef, coef[group_index], group_norms
+
+    # ----------------------------------------------------------------------------------------------------
+    def clip_(self, inv_scale=None, defer_to: Optional[torch.optim.Optimizer] = None) -> ClipStats:
+        """Unscale (when ``inv_scale`` is given), check, measure and clip the gradients.
+
+        ``inv_scale`` is a device tensor (1 / loss scale) or an ampclip ``DynamicLossScaler``. With
+        ``defer_to=optimizer`` (a fused torch Adam, AdamW or SGD) the gradients are not rewritten: the
+        optimizer gets ``grad_scale = 1 / (inv_scale * coef)`` and ``found_inf`` and applies them in its
+        own read of the gradients (global mode, no ``value_clip``).
+
+        Returns :class:`ClipStats` of device tensors. No host sync on CUDA.
+        """
+        inv = self._inv_scale(inv_scale)
+        if defer_to is not None:
+            self._check_deferrable(defer_to)
+        indices, grads = self._present()
+        if not grads:
+            zero = torch.zeros((), device=self.device)
+            return ClipStats(zero, torch.ones((), device=self.device), zero, zero.clone(), zero.new_zeros(0), [])
+        _check_grads(grads)
+        if self.value_clip is not None:
+            # The clamp changes the norms: apply it (with the unscale) first, then measure what is left.
+            ops.scale_pass(grads, torch.ones((), device=self.device), inv, self.value_clip, backend=self.backend)
+            inv = None
+        per_tensor, total, found_inf = ops.norm_pass(grads, inv, self.norm_type, backend=self.backend)
+        reported_coef, coef, group_norms = self._coefficients(per_tensor, total, indices)
+        post = reference.combine_norms(per_tensor * coef, self.norm_type)
+        zero_if_inf = self.on_nonfinite == "zero"
+        if defer_to is not None:
+            one = torch.ones((), device=self.device)
+            defer_to.grad_scale = ((one if inv is None else inv) * coef).reciprocal()
+            defer_to.found_inf = found_inf
+            if zero_if_inf:
+                ops.scale_pass(grads, one, None, None, found_inf, True, backend=self.backend)
+        else:
+            targets = grads
+            if self._flat is not None and coef.dim() == 0 and len(grads) == len(self.params) and self._flat_intact():
+                targets = self._flat.buffers  # one contiguous tensor per dtype: one sweep each
+            ops.scale_pass(targets, coef, inv, None, found_inf, zero_if_inf, backend=self.backend)
+        names = None if self.names is None else [self.names[i] for i in indices]
+        return ClipStats(total, reported_coef, post, found_inf, per_tensor, names, group_norms)
+
+    def _check_deferrable(self, optimizer) -> None:
+        if not getattr(optimizer, "_step_supports_amp_scaling", False):
+            raise TypeError(
+                "defer_to needs a fused torch optimizer (Adam, AdamW or SGD with fused=True) that reads "
+                f"optimizer.grad_scale and optimizer.found_inf; got {type(optimizer).__name__}"
+            )
+        if self.mode != "global" or self.value_clip is not None:
+            raise ValueError("deferred clipping folds one coefficient into the optimizer: use mode='global' "
+                             "and no value_clip")
+        if optimizer not in self._hooked_optimizers:
+            # The optimizer reads these attributes in every step: remove them after the step they belong to.
+            optimizer.register_step_post_hook(_drop_deferred_scale)
+            self._hooked_optimizers.add(optimizer)
+
+    def state_dict(self) -> dict:
+        return {"max_norm": self.max_norm, "norm_type": self.norm_type, "mode": self.mode,
+                "value_clip": self.value_clip}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("mode", self.mode) != self.mode:
+            raise ValueError(f"state_dict is for mode {state['mode']!r}, this clipper is {self.mode!r}")
+        self.max_norm = _checked_bound(state["max_norm"], "max_norm")
+        self.norm_type = _checked_norm_type(state["norm_type"])
+        vc = state.get("value_clip")
+        self.value_clip = None if vc is None else _checked_bound(vc, "value_clip")
+
+
+def _drop_deferred_scale(optimizer, args, kwargs) -> None:
+    for name in ("grad_scale", "found_inf"):
+        if hasattr(optimizer, name):
+            delattr(optimizer, name)
+
+
+def _parse_parameters(parameters):
+    items = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    if items and isinstance(items[0], dict):
+        param_groups = [list(group["params"]) for group in items]
+        params = [p for group in param_groups for p in group]
+        return _dedupe(params), None, param_groups
+    if items and isinstance(items[0], tuple):
+        names, params = zip(*items)
+        return list(params), list(names), None
+    for p in items:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"parameters must be Tensors, (name, Tensor) pairs or param groups; got {type(p)}")
+    return _dedupe(items), None, None
+
+
+def _dedupe(params):
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _group_indices(mode, groups, param_groups, params, names) -> list[int]:
+    """Group number of every parameter (all 0 unless per-group mode)."""
+    if mode != "per_group":
+        if groups is not None:
+            raise ValueError("groups are only used with mode='per_group'")
+        return [0] * len(params)
+    groups = groups if groups is not None else param_groups
+    if groups is None:
+        raise ValueError("mode='per_group' needs groups=[[params or names], ...] or optimizer param groups")
+    position = {id(p): i for i, p in enumerate(params)}
+    by_name = {n: i for i, n in enumerate(names)} if names else {}
+    group_of = [-1] * len(params)
+    for g, members in enumerate(groups):
+        for member in members:
+            i = by_name.get(member) if isinstance(member, str) else position.get(id(member))
+            if i is None:
+                raise ValueError(f"group {g} holds {member!r}, which is not one of the clipper's parameters")
+            if group_of[i] != -1:
+                raise ValueError(f"parameter {member if isinstance(member, str) else i} is in two groups")
+            group_of[i] = g
+    missing = [names[i] if names else i for i, g in enumerate(group_of) if g == -1]
+    if missing:
+        raise ValueError(f"parameters in no group: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    return group_of
+
+
+def _group_norms(per_tensor: torch.Tensor, group_index: torch.Tensor, num_groups: int, norm_type: float):
+    """Norm of each group from the per-tensor norms, on the device."""
+    if math.isinf(norm_type):
+        out = per_tensor.new_zeros(num_groups)
+        return out.scatter_reduce(0, group_index, per_tensor, reduce="amax", include_self=True)
+    powered = per_tensor.pow(norm_type)
+    return per_tensor.new_zeros(num_groups).index_add(0, group_index, powered).pow(1.0 / norm_type)
