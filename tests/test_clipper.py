@@ -56,8 +56,8 @@ def test_global_clip_matches_fp64(backend, norm_type, unscale, value_clip):
     assert rel_close(stats.total_norm.item(), exact, rtol)
     assert stats.found_inf.item() == 0.0 and stats.clip_coef.dim() == 0
     assert rel_close(stats.post_clip_norm.item(), min(exact, 0.5), 1e-4)
-    for p, w in zip(params, want):
-        torch.testing.assert_close(p.grad.double(), w, rtol=tol(p.dtype), atol=1e-12)
+    for p, w in zip(params, want):  # the coefficient carries the norm's error
+        torch.testing.assert_close(p.grad.double(), w, rtol=tol(p.dtype) + rtol, atol=1e-12)
     assert stats.names == [f"layer{i}.weight" for i in range(len(params))]
 
 
