@@ -18,11 +18,13 @@ from .functional import (
     unpatch_torch,
 )
 from .ops import backend
+from .scaler import DynamicLossScaler
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClipStats",
+    "DynamicLossScaler",
     "FusedClipper",
     "backend",
     "clip_grad_norm_",

@@ -1,0 +1,416 @@
+"""DynamicLossScaler: torch.amp.GradScaler's API and scale sequence, fused with clipping, sync-free skips.
+
+Differences from ``torch.amp.GradScaler`` (all documented in docs/scaler.md):
+
+* ``unscale_and_clip_(optimizer, max_norm)`` unscales, checks and clips in FusedClipper's fused passes
+  (3N bytes in place, N deferred into a fused optimizer) instead of unscale_ + clip_grad_norm_ (5N).
+* ``hysteresis=H`` backs the scale off only after H consecutive overflowing steps (DeepSpeed's
+  consecutive hysteresis; H=1, the default, is torch's behaviour). ``min_scale`` / ``max_scale`` bound it.
+* A bounded on-device history of scales, overflow flags and gradient norms, for logging.
+* ``precision="bf16"`` or ``"fp32"``: the scale stays 1 but the inf/NaN check and the skip still work.
+
+Host syncs: ``step`` is sync-free with a fused torch optimizer (Adam, AdamW, SGD with ``fused=True``),
+which skips on the device through ``optimizer.found_inf``. With any other optimizer ``step`` reads
+``found_inf`` once (one host sync per step, as torch does) to decide whether to call ``optimizer.step``.
+``update`` never syncs.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Iterable, Optional, Union
+
+import torch
+
+from . import ops
+from .clipper import ClipStats, FusedClipper
+
+__all__ = ["DynamicLossScaler"]
+
+PRECISIONS = ("fp16", "bf16", "fp32")
+
+
+class _Stage(enum.Enum):
+    READY = 0
+    UNSCALED = 1  # gradients rewritten in place (unscale_ or an in-place clip)
+    DEFERRED = 2  # grad_scale / found_inf handed to a fused optimizer, gradients untouched
+    STEPPED = 3
+
+
+class _OptimizerState:
+    __slots__ = ("stage", "found_inf", "grad_norm")
+
+    def __init__(self):
+        self.stage = _Stage.READY
+        self.found_inf: Optional[torch.Tensor] = None
+        self.grad_norm: Optional[torch.Tensor] = None
+
+
+class DynamicLossScaler:
+    """Dynamic loss scaling with torch.amp.GradScaler's API and defaults (2^16, x2 every 2000 clean steps,
+    x0.5 on overflow), plus hysteresis, scale bounds, fused unscale+clip and an on-device history.
+
+    Example::
+
+        scaler = ampclip.DynamicLossScaler()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = model(x).loss
+        scaler.scale(loss).backward()
+        stats = scaler.unscale_and_clip_(optimizer, max_norm=1.0)   # fused, no host sync
+        scaler.step(optimizer)                                      # skipped when stats.found_inf
+        scaler.update()
+    """
+
+    def __init__(
+        self,
+        device: Union[str, torch.device] = "cuda",
+        init_scale: Optional[float] = None,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        enabled: bool = True,
+        hysteresis: int = 1,
+        min_scale: float = 0.0,
+        max_scale: float = math.inf,
+        precision: str = "fp16",
+        history_size: int = 1000,
+        backend: Optional[str] = None,
+        process_group=None,  # for the found_inf all-reduce; None: the default group when one is running
+    ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        dynamic = precision == "fp16"
+        if init_scale is None:
+            init_scale = 2.0**16 if dynamic else 1.0
+        _check_positive(init_scale, "init_scale")
+        _check_factors(growth_factor, backoff_factor)
+        _check_interval(growth_interval)
+        if not isinstance(hysteresis, int) or hysteresis < 1:
+            raise ValueError(f"hysteresis must be an int >= 1, got {hysteresis!r}")
+        if not (0.0 <= min_scale <= max_scale) or math.isnan(max_scale):
+            raise ValueError(f"need 0 <= min_scale <= max_scale, got {min_scale} and {max_scale}")
+        if not isinstance(history_size, int) or history_size < 1:
+            raise ValueError(f"history_size must be an int >= 1, got {history_size!r}")
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            device = torch.device("cpu")  # like torch's GradScaler, which disables itself: we keep checking
+        self._device = device
+        self._enabled = enabled
+        self._dynamic = dynamic
+        self._growth_factor = float(growth_factor)
+        self._backoff_factor = float(backoff_factor)
+        self._growth_interval = int(growth_interval)
+        self._hysteresis = hysteresis
+        self._min_scale = float(min_scale)
+        self._max_scale = float(max_scale)
+        self._backend = backend
+        self._process_group = process_group
+        self._scale = torch.full((), float(init_scale), dtype=torch.float32, device=device)
+        self._growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self._hysteresis_tracker = torch.full((), hysteresis, dtype=torch.int32, device=device)
+        self._history_size = history_size
+        self._history = {
+            "scale": torch.full((history_size,), math.nan, device=device),
+            "found_inf": torch.full((history_size,), math.nan, device=device),
+            "grad_norm": torch.full((history_size,), math.nan, device=device),
+        }
+        self._steps = 0
+        self._scaled = False
+        self._states: dict[int, _OptimizerState] = {}
+        self._clippers: dict[int, tuple[tuple, FusedClipper]] = {}
+
+    # ------------------------------------------------------------------------------------------ scaling
+    def scale(self, outputs):
+        """Multiply a loss (or a tensor, or an iterable of them) by the current scale."""
+        if not self._enabled:
+            return outputs
+        self._scaled = True
+        if isinstance(outputs, torch.Tensor):
+            return outputs * self._scale.to(outputs.device, non_blocking=True)
+        if isinstance(outputs, Iterable):
+            scaled = [self.scale(o) for o in outputs]
+            return type(outputs)(scaled) if isinstance(outputs, (list, tuple)) else scaled
+        raise TypeError(f"outputs must be a Tensor or an iterable of Tensors, got {type(outputs).__name__}")
+
+    @property
+    def inv_scale(self) -> Optional[torch.Tensor]:
+        """1 / scale as a 0-d float32 device tensor (None when nothing is scaled)."""
+        if not self._enabled or not self._dynamic:
+            return None
+        return self._scale.double().reciprocal().float()
+
+    # ------------------------------------------------------------------------------------------ per step
+    def _state(self, optimizer) -> _OptimizerState:
+        return self._states.setdefault(id(optimizer), _OptimizerState())
+
+    def _check_ready(self, optimizer, what: str) -> _OptimizerState:
+        state = self._state(optimizer)
+        if state.stage in (_Stage.UNSCALED, _Stage.DEFERRED):
+            raise RuntimeError(f"{what} has already been called on this optimizer since the last update()")
+        if state.stage is _Stage.STEPPED:
+            raise RuntimeError(f"{what} is being called after step() and before update()")
+        return state
+
+    @staticmethod
+    def _grads(optimizer) -> list[torch.Tensor]:
+        return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+    def _agree(self, found_inf: torch.Tensor) -> torch.Tensor:
+        """With torch.distributed running, every rank skips when any rank saw inf/NaN: one MAX all-reduce
+        of one float, no host sync. (Sharded gradients, e.g. FSDP2, hold an inf on one rank only.)"""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(self._process_group) == 1:
+            return found_inf
+        found_inf = found_inf.clone()
+        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=self._process_group)
+        return found_inf
+
+    def unscale_(self, optimizer) -> None:
+        """Divide the optimizer's gradients by the scale in place and record inf/NaN (no host sync)."""
+        if not self._enabled:
+            return
+        state = self._check_ready(optimizer, "unscale_()")
+        grads = self._grads(optimizer)
+        inv = self.inv_scale
+        if grads:
+            _, norm, found_inf = ops.norm_pass(grads, inv, 2.0, backend=self._backend)
+            if inv is not None:
+                ops.scale_pass(grads, torch.ones((), device=grads[0].device), inv, backend=self._backend)
+        else:
+            norm = found_inf = torch.zeros((), device=self._device)
+        state.found_inf, state.grad_norm, state.stage = self._agree(found_inf), norm, _Stage.UNSCALED
+
+    def unscale_and_clip_(
+        self,
+        optimizer,
+        max_norm: float,
+        norm_type: float = 2.0,
+        mode: str = "global",
+        value_clip: Optional[float] = None,
+        defer: Union[bool, str] = "auto",
+    ) -> ClipStats:
+        """Unscale, check and clip the optimizer's gradients in FusedClipper's fused passes.
+
+        ``defer="auto"`` hands the coefficient and the scale to a fused torch optimizer (one read of the
+        gradients in all) when it can: global mode, no value clip, ``optimizer`` fused. Per-group mode
+        uses the optimizer's param groups. Returns the :class:`ClipStats` (device tensors).
+        """
+        state = self._check_ready(optimizer, "unscale_and_clip_()")
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        deferrable = fused and mode == "global" and value_clip is None
+        if defer is True and not deferrable:
+            raise ValueError("defer=True needs a fused torch optimizer, mode='global' and no value_clip")
+        clipper = self._clipper_for(optimizer, max_norm, norm_type, mode, value_clip)
+        use_defer = deferrable if defer == "auto" else bool(defer)
+        stats = clipper.clip_(self.inv_scale, defer_to=optimizer if use_defer else None)
+        stats.found_inf = self._agree(stats.found_inf)
+        if use_defer:
+            optimizer.found_inf = stats.found_inf
+        state.found_inf, state.grad_norm = stats.found_inf, stats.total_norm
+        state.stage = _Stage.DEFERRED if use_defer else _Stage.UNSCALED
+        return stats
+
+    def _clipper_for(self, optimizer, max_norm, norm_type, mode, value_clip) -> FusedClipper:
+        key = (tuple(id(p) for g in optimizer.param_groups for p in g["params"]), norm_type, mode, value_clip)
+        cached = self._clippers.get(id(optimizer))
+        if cached is None or cached[0] != key:
+            clipper = FusedClipper(optimizer.param_groups, max_norm, norm_type, mode=mode, value_clip=value_clip,
+                                   backend=self._backend)
+            self._clippers[id(optimizer)] = (key, clipper)
+            return clipper
+        cached[1].load_state_dict({"max_norm": max_norm, "norm_type": norm_type, "mode": mode,
+                                   "value_clip": value_clip})
+        return cached[1]
+
+    def step(self, optimizer, *args, **kwargs):
+        """``optimizer.step()`` unless the gradients held inf/NaN; the skip is decided on the device for
+        fused torch optimizers (no sync) and with one host sync otherwise."""
+        if not self._enabled:
+            return optimizer.step(*args, **kwargs)
+        state = self._state(optimizer)
+        if state.stage is _Stage.STEPPED:
+            raise RuntimeError("step() has already been called since the last update()")
+        if not self._scaled and self._dynamic:
+            raise RuntimeError("step() called before scale(): scale the loss with scaler.scale(loss) first")
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            result = self._fused_step(optimizer, state, args, kwargs)
+        else:
+            if state.stage is _Stage.READY:
+                self.unscale_(optimizer)
+            result = optimizer.step(*args, **kwargs) if state.found_inf.item() == 0 else None  # the one sync
+        state.stage = _Stage.STEPPED
+        return result
+
+    def _fused_step(self, optimizer, state, args, kwargs):
+        if state.stage is _Stage.DEFERRED:  # the clipper set grad_scale and found_inf, and drops them
+            return optimizer.step(*args, **kwargs)
+        if state.stage is _Stage.READY:
+            # One read for found_inf; the gradients stay scaled and the optimizer divides by grad_scale.
+            grads = self._grads(optimizer)
+            if grads:
+                _, state.grad_norm, found_inf = ops.norm_pass(grads, self.inv_scale, 2.0, backend=self._backend)
+            else:
+                found_inf = torch.zeros((), device=self._device)
+            state.found_inf = self._agree(found_inf)
+            if self._dynamic:
+                optimizer.grad_scale = self._scale
+        optimizer.found_inf = state.found_inf
+        try:
+            return optimizer.step(*args, **kwargs)
+        finally:
+            for name in ("grad_scale", "found_inf"):
+                if hasattr(optimizer, name):
+                    delattr(optimizer, name)
+
+    def update(self, new_scale: Optional[Union[float, torch.Tensor]] = None) -> None:
+        """Back off on overflow, grow after ``growth_interval`` clean steps; all on the device."""
+        if not self._enabled:
+            return
+        recorded = [s for s in self._states.values() if s.found_inf is not None]
+        if new_scale is not None:
+            if isinstance(new_scale, torch.Tensor):
+                if new_scale.numel() != 1 or new_scale.requires_grad:
+                    raise ValueError("new_scale must be a float or a 1-element tensor without grad")
+                self._scale.copy_(new_scale.reshape(()))
+            else:
+                _check_positive(new_scale, "new_scale")
+                self._scale.fill_(float(new_scale))
+            found = None
+        else:
+            if not recorded:
+                raise RuntimeError("update() found no inf/NaN checks: call step() (or unscale_) first")
+            found = torch.stack([s.found_inf.to(self._device, torch.float32) for s in recorded]).amax()
+            if self._dynamic:
+                self._update_scale(found > 0)
+        self._record(found, recorded)
+        self._states.clear()
+        self._scaled = False
+
+    def _update_scale(self, found: torch.Tensor) -> None:
+        one = torch.ones((), dtype=torch.int32, device=self._device)
+        hyst = self._hysteresis_tracker
+        back_off = found & (hyst <= 1)
+        growth = torch.where(found, torch.zeros_like(self._growth_tracker), self._growth_tracker + one)
+        grow = ~found & (growth >= self._growth_interval)
+        backed = (self._scale * self._backoff_factor).clamp(min=self._min_scale)
+        grown = self._scale * self._growth_factor
+        grown = torch.where(torch.isfinite(grown), grown.clamp(max=self._max_scale), self._scale)
+        new_scale = torch.where(back_off, backed, torch.where(grow, grown, self._scale))
+        self._scale.copy_(new_scale)
+        self._growth_tracker.copy_(torch.where(grow, torch.zeros_like(growth), growth))
+        # Consecutive hysteresis: a clean step restores it; each overflow past the first H-1 backs off.
+        reset = torch.full_like(hyst, self._hysteresis)
+        self._hysteresis_tracker.copy_(torch.where(found, (hyst - one).clamp(min=1), reset))
+
+    def _record(self, found: Optional[torch.Tensor], recorded) -> None:
+        slot = self._steps % self._history_size
+        self._history["scale"][slot] = self._scale
+        if found is not None:
+            self._history["found_inf"][slot] = found
+        norms = [s.grad_norm for s in recorded if s.grad_norm is not None]
+        if norms:
+            self._history["grad_norm"][slot] = norms[0].to(self._device, torch.float32)
+        self._steps += 1
+
+    # ------------------------------------------------------------------------------------------ inspection
+    def history(self) -> dict[str, torch.Tensor]:
+        """The last ``history_size`` updates, oldest first: ``scale`` (after the update), ``found_inf`` and
+        ``grad_norm`` (NaN when not measured), and ``step`` numbers. CPU tensors; one sync."""
+        n = min(self._steps, self._history_size)
+        start = self._steps - n
+        order = [(start + i) % self._history_size for i in range(n)]
+        out = {k: v[order].cpu() for k, v in self._history.items()}
+        out["step"] = torch.arange(start, self._steps)
+        return out
+
+    def get_scale(self) -> float:
+        """The current scale as a Python float (one sync); 1.0 when disabled, like torch."""
+        return self._scale.item() if self._enabled else 1.0
+
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def get_growth_factor(self) -> float:
+        return self._growth_factor
+
+    def set_growth_factor(self, new_factor: float) -> None:
+        _check_factors(new_factor, self._backoff_factor)
+        self._growth_factor = float(new_factor)
+
+    def get_backoff_factor(self) -> float:
+        return self._backoff_factor
+
+    def set_backoff_factor(self, new_factor: float) -> None:
+        _check_factors(self._growth_factor, new_factor)
+        self._backoff_factor = float(new_factor)
+
+    def get_growth_interval(self) -> int:
+        return self._growth_interval
+
+    def set_growth_interval(self, new_interval: int) -> None:
+        _check_interval(new_interval)
+        self._growth_interval = int(new_interval)
+
+    def get_hysteresis(self) -> int:
+        return self._hysteresis
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit for bit (torch's five keys plus ours); empty when disabled."""
+        if not self._enabled:
+            return {}
+        return {
+            "scale": self._scale.item(),
+            "growth_factor": self._growth_factor,
+            "backoff_factor": self._backoff_factor,
+            "growth_interval": self._growth_interval,
+            "_growth_tracker": int(self._growth_tracker.item()),
+            "hysteresis": self._hysteresis,
+            "_hysteresis_tracker": int(self._hysteresis_tracker.item()),
+            "min_scale": self._min_scale,
+            "max_scale": self._max_scale,
+            "_steps": self._steps,
+            "history": {k: v.cpu().clone() for k, v in self._history.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state from :meth:`state_dict` (or from ``torch.amp.GradScaler.state_dict()``)."""
+        if not self._enabled:
+            return
+        if not state_dict:
+            raise RuntimeError("the state_dict is empty: it was saved from a disabled scaler")
+        self._scale.fill_(float(state_dict["scale"]))
+        self._growth_factor = float(state_dict["growth_factor"])
+        self._backoff_factor = float(state_dict["backoff_factor"])
+        self._growth_interval = int(state_dict["growth_interval"])
+        self._growth_tracker.fill_(int(state_dict["_growth_tracker"]))
+        self._hysteresis = int(state_dict.get("hysteresis", self._hysteresis))
+        self._hysteresis_tracker.fill_(int(state_dict.get("_hysteresis_tracker", self._hysteresis)))
+        self._min_scale = float(state_dict.get("min_scale", self._min_scale))
+        self._max_scale = float(state_dict.get("max_scale", self._max_scale))
+        self._steps = int(state_dict.get("_steps", 0))
+        history = state_dict.get("history")
+        if history is not None:
+            if len(history["scale"]) != self._history_size:
+                raise ValueError(f"history_size differs: saved {len(history['scale'])}, here {self._history_size}")
+            for k, v in history.items():
+                self._history[k].copy_(v)
+
+
+def _check_positive(value, name: str) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_factors(growth_factor, backoff_factor) -> None:
+    if not isinstance(growth_factor, (int, float)) or not growth_factor > 1.0 or math.isinf(growth_factor):
+        raise ValueError(f"growth_factor must be a finite number > 1, got {growth_factor!r}")
+    if not isinstance(backoff_factor, (int, float)) or not 0.0 < backoff_factor < 1.0:
+        raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
+
+
+def _check_interval(interval) -> None:
+    if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+        raise ValueError(f"growth_interval must be an int >= 1, got {interval!r}")

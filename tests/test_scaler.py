@@ -1,0 +1,315 @@
+"""DynamicLossScaler: torch GradScaler parity, hysteresis and bounds, bit-identical skipped steps, exact
+inf/NaN detection, checkpoint round trips, the fused/deferred paths and bad input."""
+
+import copy
+import math
+import os
+import random
+
+import pytest
+import torch
+
+import ampclip
+from ampclip import DynamicLossScaler
+
+from helpers import bitwise_equal
+
+
+def tiny_model(seed=0, fused=None, optim="sgd"):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    if optim == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
+    return model, opt
+
+
+def backward(model, scaler, x, poison=None):
+    scaler.scale(model(x).pow(2).mean()).backward()
+    if poison is not None:
+        model[0].weight.grad.view(-1)[poison] = math.inf
+
+
+@pytest.mark.parametrize("growth_interval", [3, 2000])
+def test_scale_sequence_and_parameters_match_torch(growth_interval):
+    rng = random.Random(0)
+    m1, o1 = tiny_model()
+    m2, o2 = tiny_model()
+    theirs = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=growth_interval)
+    ours = DynamicLossScaler("cpu", init_scale=2.0**10, growth_interval=growth_interval)
+    for step in range(300):
+        x = torch.randn(4, 8)
+        bad = rng.random() < 0.15
+        for model, opt, scaler in ((m1, o1, theirs), (m2, o2, ours)):
+            opt.zero_grad()
+            backward(model, scaler, x, poison=3 if bad else None)
+            scaler.step(opt)
+            scaler.update()
+        assert theirs.get_scale() == ours.get_scale(), step
+    assert all(bitwise_equal(a.detach(), b.detach()) for a, b in zip(m1.parameters(), m2.parameters()))
+    assert ours.history()["found_inf"].sum() > 0
+
+
+def run_pattern(pattern, **kwargs):
+    """Feed a pattern of overflow (1) / clean (0) steps; return the scale after each update."""
+    model, opt = tiny_model()
+    scaler = DynamicLossScaler("cpu", init_scale=1024.0, **kwargs)
+    scales = []
+    for bad in pattern:
+        opt.zero_grad()
+        backward(model, scaler, torch.randn(2, 8), poison=0 if bad else None)
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    return scales
+
+
+def test_hysteresis_backs_off_after_consecutive_overflows():
+    assert run_pattern([1, 0, 1, 0, 1], hysteresis=2) == [1024.0] * 5  # never two in a row
+    assert run_pattern([1, 1, 1, 0, 1], hysteresis=2) == [1024.0, 512.0, 256.0, 256.0, 256.0]
+    assert run_pattern([1, 1], hysteresis=1) == [512.0, 256.0]  # torch's behaviour
+
+
+def test_min_and_max_scale_bound_the_scale():
+    assert run_pattern([1, 1, 1, 1], min_scale=256.0) == [512.0, 256.0, 256.0, 256.0]
+    assert run_pattern([0, 0, 0, 0], growth_interval=1, max_scale=4096.0) == [2048.0, 4096.0, 4096.0, 4096.0]
+
+
+def test_scale_does_not_grow_past_float32():
+    model, opt = tiny_model()
+    scaler = DynamicLossScaler("cpu", init_scale=3e38, growth_interval=1)
+    opt.zero_grad()
+    scaler.scale(model(torch.randn(2, 8)).sum() * 0).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == pytest.approx(3e38, rel=1e-6)
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw", "adamw-fused", "adamw-fused-clip"])
+def test_skipped_step_leaves_parameters_and_optimizer_state_bit_identical(optim):
+    fused = optim.startswith("adamw-fused")
+    model, opt = tiny_model(optim="sgd" if optim == "sgd" else "adamw", fused=fused or None)
+    scaler = DynamicLossScaler("cpu")
+    for _ in range(2):  # build optimizer state first
+        opt.zero_grad()
+        backward(model, scaler, torch.randn(4, 8))
+        scaler.step(opt)
+        scaler.update()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    backward(model, scaler, torch.randn(4, 8), poison=5)
+    if optim.endswith("clip"):
+        stats = scaler.unscale_and_clip_(opt, max_norm=1.0)
+        assert stats.found_inf.item() == 1.0
+    scaler.step(opt)
+    scaler.update()
+    assert all(bitwise_equal(p.detach(), q) for p, q in zip(model.parameters(), params))
+    after = opt.state_dict()
+    for key, values in state["state"].items():
+        for name, value in values.items():
+            assert bitwise_equal(after["state"][key][name], value), (key, name)
+
+
+def test_thousands_of_injections_all_detected_and_no_false_alarm():
+    rng = random.Random(1)
+    model, opt = tiny_model()
+    params = list(model.parameters())
+    scaler = DynamicLossScaler("cpu", init_scale=1.0, growth_interval=10**9)
+    for trial in range(2000):
+        opt.zero_grad()
+        for p in params:
+            p.grad = torch.randn_like(p) * 10
+        inject = trial % 2 == 0
+        if inject:
+            target = rng.choice(params).grad.view(-1)
+            where = rng.choice(["first", "last", "tail", "random"])
+            index = {"first": 0, "last": target.numel() - 1, "tail": target.numel() - 2}.get(
+                where, rng.randrange(target.numel()))
+            target[index] = rng.choice([math.inf, -math.inf, math.nan])
+        stats = scaler.unscale_and_clip_(opt, max_norm=1.0, defer=False)
+        assert stats.found_inf.item() == (1.0 if inject else 0.0), trial
+        scaler._states.clear()  # only the detection is under test here
+
+
+def test_state_dict_round_trip_continues_bit_for_bit():
+    rng = random.Random(2)
+    xs = [torch.randn(4, 8) for _ in range(30)]
+    bad = [rng.random() < 0.3 for _ in xs]
+
+    def train(model, opt, scaler, steps):
+        for i in steps:
+            opt.zero_grad()
+            backward(model, scaler, xs[i], poison=1 if bad[i] else None)
+            scaler.unscale_and_clip_(opt, max_norm=0.5)
+            scaler.step(opt)
+            scaler.update()
+
+    model, opt = tiny_model(optim="adamw")
+    scaler = DynamicLossScaler("cpu", init_scale=256.0, growth_interval=3, hysteresis=2)
+    train(model, opt, scaler, range(15))
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), scaler.state_dict()))
+    train(model, opt, scaler, range(15, 30))
+
+    model2, opt2 = tiny_model(seed=123, optim="adamw")
+    scaler2 = DynamicLossScaler("cpu", init_scale=1.0)
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    scaler2.load_state_dict(saved[2])
+    train(model2, opt2, scaler2, range(15, 30))
+    assert scaler.get_scale() == scaler2.get_scale()
+    assert scaler.state_dict()["_hysteresis_tracker"] == scaler2.state_dict()["_hysteresis_tracker"]
+    assert all(bitwise_equal(a.detach(), b.detach()) for a, b in zip(model.parameters(), model2.parameters()))
+    h1, h2 = scaler.history(), scaler2.history()
+    assert all(torch.equal(h1[k].nan_to_num(-1), h2[k].nan_to_num(-1)) for k in h1)
+
+
+def test_loads_a_torch_gradscaler_state_dict():
+    theirs = torch.amp.GradScaler("cpu", init_scale=512.0, growth_interval=7)
+    ours = DynamicLossScaler("cpu")
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.get_scale() == 512.0 and ours.get_growth_interval() == 7
+
+
+def test_fp16_overflow_storm_backs_off_and_training_resumes():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 16).half()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = DynamicLossScaler("cpu", init_scale=2.0**24, growth_interval=1000)
+    skipped = []
+    for step in range(40):
+        opt.zero_grad()
+        x = torch.randn(8, 16).half() * (100.0 if step < 5 else 1.0)  # a storm of huge activations
+        before = model.weight.detach().clone()
+        scaler.scale(model(x).float().pow(2).mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+        skipped.append(torch.equal(before, model.weight.detach()))
+    assert scaler.get_scale() < 2.0**24  # backed off
+    assert any(skipped[:10]) and not any(skipped[-10:])  # skipped during the storm, stepping after it
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fused_step_is_sync_free(monkeypatch):
+    model, opt = tiny_model(optim="adamw", fused=True)
+    scaler = DynamicLossScaler("cpu")
+    backward(model, scaler, torch.randn(4, 8))
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("host sync in the step")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    monkeypatch.setattr(torch.Tensor, "tolist", no_sync)
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_sync)
+    scaler.unscale_and_clip_(opt, max_norm=1.0)  # deferred into the fused optimizer
+    scaler.step(opt)
+    scaler.update()
+    backward(model, scaler, torch.randn(4, 8))
+    scaler.step(opt)  # no clip: found_inf from one read, grad_scale handed over
+    scaler.update()
+
+
+def test_unscale_divides_gradients_and_detects():
+    model, opt = tiny_model()
+    scaler = DynamicLossScaler("cpu", init_scale=64.0)
+    scaler.scale(model(torch.randn(2, 8)).sum()).backward()
+    scaled = [p.grad.clone() for p in model.parameters()]
+    scaler.unscale_(opt)
+    for p, g in zip(model.parameters(), scaled):
+        assert torch.equal(p.grad, g / 64.0)
+
+
+def test_bf16_precision_keeps_scale_one_but_still_skips():
+    model, opt = tiny_model()
+    scaler = DynamicLossScaler("cpu", precision="bf16")
+    assert scaler.get_scale() == 1.0 and scaler.inv_scale is None
+    before = [p.detach().clone() for p in model.parameters()]
+    backward(model, scaler, torch.randn(2, 8), poison=0)
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 1.0
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"init_scale": 0.0}, "init_scale"),
+        ({"init_scale": -4.0}, "init_scale"),
+        ({"growth_factor": 1.0}, "growth_factor"),
+        ({"backoff_factor": 1.5}, "backoff_factor"),
+        ({"growth_interval": 0}, "growth_interval"),
+        ({"hysteresis": 0}, "hysteresis"),
+        ({"min_scale": 8.0, "max_scale": 4.0}, "min_scale"),
+        ({"precision": "fp8"}, "precision"),
+    ],
+)
+def test_bad_settings_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DynamicLossScaler("cpu", **kwargs)
+
+
+def test_misuse_raises_clear_errors():
+    model, opt = tiny_model()
+    scaler = DynamicLossScaler("cpu")
+    model(torch.randn(2, 8)).sum().backward()
+    with pytest.raises(RuntimeError, match="before scale"):
+        scaler.step(opt)
+    opt.zero_grad()
+    backward(model, scaler, torch.randn(2, 8))
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="already been called"):
+        scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="already been called"):
+        scaler.unscale_and_clip_(opt, 1.0)
+    scaler.step(opt)
+    with pytest.raises(RuntimeError, match="already been called"):
+        scaler.step(opt)
+    with pytest.raises(RuntimeError, match="after step"):
+        scaler.unscale_(opt)
+    scaler.update()
+    with pytest.raises(RuntimeError, match="no inf/NaN checks"):
+        scaler.update()
+    with pytest.raises(ValueError, match="growth_factor"):
+        scaler.set_growth_factor(0.5)
+
+
+def _skip_worker(rank, world_size, port, results):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model, opt = tiny_model()
+        scaler = DynamicLossScaler("cpu", init_scale=128.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        # Sharded gradients: only rank 1 holds the inf.
+        backward(model, scaler, torch.randn(2, 8) + rank, poison=0 if rank == 1 else None)
+        stats = scaler.unscale_and_clip_(opt, max_norm=1.0)
+        scaler.step(opt)
+        scaler.update()
+        unchanged = all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+        results[rank] = (stats.found_inf.item(), unchanged, scaler.get_scale())
+    finally:
+        dist.destroy_process_group()
+        os._exit(0)
+
+
+def test_one_rank_with_inf_skips_the_step_on_every_rank():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    results = manager.dict()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_skip_worker, args=(r, 2, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert dict(results) == {0: (1.0, True, 64.0), 1: (1.0, True, 64.0)}
