@@ -17,6 +17,7 @@ from .functional import (
     patch_torch,
     unpatch_torch,
 )
+from .nan import NaNDetector, NaNRecoveryManager, NaNReport, SpikeDetector
 from .ops import backend
 from .scaler import DynamicLossScaler
 
@@ -26,6 +27,10 @@ __all__ = [
     "ClipStats",
     "DynamicLossScaler",
     "FusedClipper",
+    "NaNDetector",
+    "NaNRecoveryManager",
+    "NaNReport",
+    "SpikeDetector",
     "backend",
     "clip_grad_norm_",
     "clip_grad_value_",
