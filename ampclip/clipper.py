@@ -21,7 +21,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from . import ops, reference
-from .functional import EPS, _checked_bound, _checked_norm_type, _check_grads
+from .functional import EPS, _checked_bound, _checked_norm_type, _validated
 
 __all__ = ["ClipStats", "FusedClipper"]
 
@@ -241,12 +241,12 @@ class FusedClipper:
         if not grads:
             zero = torch.zeros((), device=self.device)
             return ClipStats(zero, torch.ones((), device=self.device), zero, zero.clone(), zero.new_zeros(0), [])
-        _check_grads(grads)
         if self.value_clip is not None:
             # The clamp changes the norms: apply it (with the unscale) first, then measure what is left.
-            ops.scale_pass(grads, torch.ones((), device=self.device), inv, self.value_clip, backend=self.backend)
+            one = torch.ones((), device=self.device)
+            _validated(ops.scale_pass, grads, one, inv, self.value_clip, backend=self.backend)
             inv = None
-        per_tensor, total, found_inf = ops.norm_pass(grads, inv, self.norm_type, backend=self.backend)
+        per_tensor, total, found_inf = _validated(ops.norm_pass, grads, inv, self.norm_type, backend=self.backend)
         reported_coef, coef, group_norms = self._coefficients(per_tensor, total, indices)
         post = reference.combine_norms(per_tensor * coef, self.norm_type)
         zero_if_inf = self.on_nonfinite == "zero"
