@@ -34,3 +34,7 @@ def norm_pass(grads, inv_scale, norm_type):
 
 def scale_pass(grads, coef, inv_scale, clip_value, found_inf, zero_if_inf):
     torch.ops.ampclip_C.scale_pass(grads, coef, inv_scale, clip_value, found_inf, zero_if_inf)
+
+
+def clip_grad_norm(grads, max_norm, norm_type):
+    return torch.ops.ampclip_C.clip_grad_norm_(grads, max_norm, norm_type)

@@ -21,7 +21,8 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from . import ops, reference
-from .functional import EPS, _checked_bound, _checked_norm_type, _validated
+from .functional import _checked_bound, _checked_norm_type, _validated
+from .ops import clip_coef
 
 __all__ = ["ClipStats", "FusedClipper"]
 
@@ -213,14 +214,14 @@ class FusedClipper:
     def _coefficients(self, per_tensor: torch.Tensor, total: torch.Tensor, indices: list[int]):
         """(clip_coef as reported, coefficient per gradient, group norms)."""
         if self.mode == "global":
-            coef = (self.max_norm / (total + EPS)).clamp(max=1.0)
+            coef = clip_coef(self.max_norm, total)
             return coef, coef, None
         if self.mode == "per_tensor":
-            coef = (self.max_norm / (per_tensor + EPS)).clamp(max=1.0)
+            coef = clip_coef(self.max_norm, per_tensor)
             return coef, coef, None
         group_index = self._group_index(indices)
         group_norms = _group_norms(per_tensor, group_index, self.num_groups, self.norm_type)
-        coef = (self.max_norm / (group_norms + EPS)).clamp(max=1.0)
+        coef = clip_coef(self.max_norm, group_norms)
         return coef, coef[group_index], group_norms
 
     # ----------------------------------------------------------------------------------------------------

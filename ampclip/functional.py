@@ -34,8 +34,6 @@ __all__ = [
     "unpatch_torch",
 ]
 
-EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s eps, kept for identical coefficients
-
 TensorOrTensors = Union[torch.Tensor, Iterable[torch.Tensor]]
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -166,11 +164,6 @@ def get_total_norm(
     return total
 
 
-def _clip_coef(max_norm: float, total_norm: torch.Tensor) -> torch.Tensor:
-    """min(1, max_norm / (total_norm + eps)) on the device: no host sync."""
-    return (max_norm / (total_norm + EPS)).clamp_(max=1.0)
-
-
 def _scale_by(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
     for device, device_grads in _by_device(grads).items():
         _validated(ops.scale_pass, device_grads, coef.to(device, non_blocking=True))
@@ -193,7 +186,7 @@ def clip_grads_with_norm_(
     grads = _grads_of(parameters)
     if not grads:
         return
-    _scale_by(grads, _clip_coef(bound, total_norm))
+    _scale_by(grads, ops.clip_coef(bound, total_norm))
 
 
 def clip_grad_norm_(
@@ -221,10 +214,13 @@ def clip_grad_norm_(
     grads = _grads_of(parameters)
     if not grads:
         return torch.tensor(0.0)
+    devices = _by_device(grads)
+    if len(devices) == 1 and not error_if_nonfinite:
+        return _validated(ops.clip_grad_norm, grads, bound, p)
     total = _total_norm(grads, p)
     if error_if_nonfinite:
         _raise_if_nonfinite(total, p)
-    _scale_by(grads, _clip_coef(bound, total))
+    _scale_by(grads, ops.clip_coef(bound, total))
     return total
 
 

@@ -21,6 +21,8 @@ TORCH_LIBRARY(ampclip_C, m) {
   m.def(
       "scale_pass(Tensor(a!)[] grads, Tensor coef, Tensor? inv_scale, float? clip_value, Tensor? found_inf, "
       "bool zero_if_inf) -> ()");
+  // norm_pass, the coefficient min(1, max_norm / (norm + 1e-6)) and scale_pass in one call; returns the norm.
+  m.def("clip_grad_norm_(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor");
   m.def("built_with_cuda() -> bool", &built_with_cuda);
 }
 

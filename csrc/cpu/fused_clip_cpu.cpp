@@ -26,6 +26,8 @@ namespace {
 
 // Elements per work item. Fixed, so that the partials (and the result) do not depend on threads.
 constexpr int64_t kChunk = 1 << 16;
+// torch.nn.utils.clip_grad_norm_'s eps.
+constexpr double kEps = 1e-6;
 // Elements summed in float lanes before they are flushed into a double: float SIMD speed, and at most
 // kBlock / 16 = 128 float additions per lane before the double takes over. Larger blocks amortise the
 // flush (a serial chain of double additions) better; smaller ones round less.
@@ -378,11 +380,23 @@ void scale_pass_cpu(at::TensorList grads, const at::Tensor& coef, const std::opt
   }
 }
 
+// The whole drop-in clip in one call: norm pass, coefficient, scale pass. Crossing from Python into C++
+// costs about 0.15 us per tensor in the argument conversion alone; one crossing instead of two is the
+// difference on thousands of small gradients. The coefficient is computed with the same tensor ops as
+// the Python path (torch's `max_norm / t` is `t.reciprocal() * max_norm`), so the two agree bit for bit.
+at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm, double norm_type) {
+  auto total = std::get<1>(norm_pass_cpu(grads, std::nullopt, norm_type));
+  const auto coef = total.add(kEps).reciprocal().mul(max_norm).clamp_max(1.0);
+  scale_pass_cpu(grads, coef, std::nullopt, std::nullopt, std::nullopt, false);
+  return total;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ampclip_C, CPU, m) {
   m.impl("norm_pass", &norm_pass_cpu);
   m.impl("scale_pass", &scale_pass_cpu);
+  m.impl("clip_grad_norm_", &clip_grad_norm_cpu);
 }
 
 }  // namespace ampclip
