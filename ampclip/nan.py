@@ -4,7 +4,8 @@ losing the run.
 * :class:`NaNDetector` names the parameters whose gradients hold inf or NaN and flags a non-finite loss.
   It reads ``found_inf`` first (one host sync) and scans the gradients only when it is set, so a clean
   step costs one scalar read.
-* :class:`SpikeDetector` flags loss or gradient-norm spikes by a z-score over a sliding window.
+* :class:`SpikeDetector` flags loss or gradient-norm spikes by a z-score over a sliding window; the
+  recovery manager logs them or skips the step.
 * :class:`NaNRecoveryManager` applies a strategy after each non-finite step: ``skip`` (the scaler already
   skipped it), ``reduce_scale`` (back the loss scale off further), ``clip`` (clip tighter for the next k
   steps) or ``rollback`` (after K consecutive non-finite steps, restore the last good snapshot of model,
@@ -142,8 +143,9 @@ class RecoveryEvent:
 class NaNRecoveryManager:
     """Recovery after non-finite steps, so that nothing is lost.
 
-    Call :meth:`after_step` once per step with the step's ``found_inf`` (and optionally the loss and the
-    gradient norm). It returns what it did. Strategies:
+    Call :meth:`after_step` once per step with the step's ``found_inf`` (and optionally the loss). It
+    returns what it did. With spike detectors, call :meth:`check_spikes` before the optimizer step: it
+    logs spikes, or skips the step (``spike_action="skip"``). Strategies:
 
     * ``"skip"``: count it; the scaler already skipped the update.
     * ``"reduce_scale"``: also multiply the loss scale by ``scale_factor``.
@@ -173,7 +175,10 @@ class NaNRecoveryManager:
         spike_detector: Optional[SpikeDetector] = None,
         grad_norm_spike_detector: Optional[SpikeDetector] = None,
         detector: Optional[NaNDetector] = None,
+        spike_action: str = "log",
     ):
+        if spike_action not in ("log", "skip"):
+            raise ValueError(f"spike_action must be 'log' or 'skip', got {spike_action!r}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if strategy == "reduce_scale" and scaler is None:
@@ -191,6 +196,8 @@ class NaNRecoveryManager:
         self.loss_spikes = spike_detector
         self.grad_norm_spikes = grad_norm_spike_detector
         self.detector = detector
+        self.spike_action = spike_action
+        self._spike_events: list[RecoveryEvent] = []
         self.step = 0
         self.consecutive_nonfinite = 0
         self.counts = {"nonfinite": 0, "rollbacks": 0, "scale_reductions": 0, "loss_spikes": 0,
@@ -222,11 +229,30 @@ class NaNRecoveryManager:
             if self.scaler.is_enabled():  # come back with a smaller scale than the one that overflowed
                 self.scaler.update(new_scale=self.scaler.get_scale() * self.scale_factor)
 
-    def after_step(self, found_inf, loss=None, grad_norm=None) -> list[RecoveryEvent]:
+    def check_spikes(self, found_inf: torch.Tensor, loss=None, grad_norm=None) -> bool:
+        """Before the optimizer step: feed the spike detectors and, with ``spike_action="skip"``, turn a
+        spike into a skipped step by setting ``found_inf`` (the tensor the scaler and a fused optimizer
+        read, so the skip stays on the device). Returns whether a spike was seen. One host read per value.
+        """
+        spiked = False
+        for detector, kind, value in ((self.loss_spikes, "loss_spike", loss),
+                                      (self.grad_norm_spikes, "grad_norm_spike", grad_norm)):
+            if detector is not None and value is not None and detector.observe(value):
+                self.counts[kind + "s"] += 1
+                self._spike_events.append(RecoveryEvent(self.step, kind, f"{_to_float(value):g}"))
+                spiked = True
+        if spiked and self.spike_action == "skip":
+            found_inf.fill_(1.0)
+            self._spike_events.append(RecoveryEvent(self.step, "skipped_spike"))
+        return spiked
+
+    def after_step(self, found_inf, loss=None) -> list[RecoveryEvent]:
         """Record the step and act on it; returns the events of this step (one host read of found_inf)."""
         step = self.step
-        events = []
-        nonfinite = bool(_to_float(found_inf)) or (loss is not None and not math.isfinite(_to_float(loss)))
+        events, self._spike_events = self._spike_events, []
+        skipped_spike = any(e.kind == "skipped_spike" for e in events)
+        nonfinite = (bool(_to_float(found_inf)) and not skipped_spike) or (
+            loss is not None and not math.isfinite(_to_float(loss)))
         if nonfinite:
             self.counts["nonfinite"] += 1
             self.consecutive_nonfinite += 1
@@ -249,11 +275,6 @@ class NaNRecoveryManager:
                 events.append(RecoveryEvent(step, "rollback", f"to the snapshot of step {self._snapshot['step']}"))
         else:
             self.consecutive_nonfinite = 0
-            for detector, kind, value in ((self.loss_spikes, "loss_spike", loss),
-                                          (self.grad_norm_spikes, "grad_norm_spike", grad_norm)):
-                if detector is not None and value is not None and detector.observe(value):
-                    self.counts[kind + "s"] += 1
-                    events.append(RecoveryEvent(step, kind, f"{_to_float(value):g}"))
         self.step += 1
         if not nonfinite and self.strategy == "rollback" and self.step % self.snapshot_every == 0:
             self._take_snapshot()

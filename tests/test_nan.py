@@ -58,7 +58,7 @@ def train_steps(model, opt, scaler, recovery, bad_steps, steps, base_max_norm=1.
             seen.append(stats.clip_coef.item())
         scaler.step(opt)
         scaler.update()
-        recovery.after_step(stats.found_inf, grad_norm=stats.total_norm)
+        recovery.after_step(stats.found_inf)
 
 
 def test_skip_strategy_counts_and_keeps_training():
@@ -129,3 +129,27 @@ def test_state_dict_round_trip():
     clone.load_state_dict(recovery.state_dict())
     assert clone.state_dict() == recovery.state_dict()
     assert ampclip.NaNReport(0, False).summary().startswith("step 0")
+
+
+@pytest.mark.parametrize("action", ["log", "skip"])
+def test_gradient_norm_spike_is_logged_or_skipped(action):
+    model, opt = model_and_opt()
+    scaler = DynamicLossScaler("cpu", precision="fp32")
+    recovery = NaNRecoveryManager(model, opt, scaler, spike_action=action,
+                                  grad_norm_spike_detector=SpikeDetector(window=50, z_threshold=5.0, warmup=5))
+    for step in range(12):
+        opt.zero_grad()
+        scaler.scale(model(torch.randn(4, 6)).pow(2).mean()).backward()
+        if step == 10:
+            for p in model.parameters():
+                p.grad.mul_(1000.0)  # a spike, finite
+        stats = scaler.unscale_and_clip_(opt, max_norm=1e6)
+        before = [p.detach().clone() for p in model.parameters()]
+        spiked = recovery.check_spikes(stats.found_inf, grad_norm=stats.total_norm)
+        scaler.step(opt)
+        scaler.update()
+        recovery.after_step(stats.found_inf)
+        assert spiked == (step == 10)
+        stepped = not all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+        assert stepped == (step != 10 or action == "log")
+    assert recovery.counts["grad_norm_spikes"] == 1 and recovery.counts["nonfinite"] == 0
