@@ -18,7 +18,8 @@ $(VENV)/.deps:
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)" || \
 		echo "triton unavailable: the Triton backend is skipped"
-	$(PY) -c "import pytest, numpy, ninja" 2>/dev/null || $(PY) -m pip install -q pytest numpy ninja
+	$(PY) -c "import pytest, numpy, ninja, tqdm, matplotlib, tensorboard" 2>/dev/null || \
+		$(PY) -m pip install -q pytest numpy ninja tqdm matplotlib tensorboard
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps pyproject.toml setup.py $(EXT_SOURCES)

@@ -8,6 +8,15 @@ Drop-in replacements for ``torch.nn.utils.clip_grad_norm_`` and friends::
 
 from . import ops, reference
 from .clipper import ClipStats, FusedClipper
+from .clipping import (
+    RECOMMENDED_CLIPPING_THRESHOLDS,
+    ClippingStrategy,
+    GradientClipper,
+    create_gradient_clipper,
+    get_recommended_threshold,
+)
+from .config import AMPConfig, create_default_amp_config
+from .metrics import MetricsLogger, TensorBoardSink
 from .functional import (
     clip_grad_norm_,
     clip_grad_value_,
@@ -20,10 +29,22 @@ from .functional import (
 from .nan import NaNDetector, NaNRecoveryManager, NaNReport, SpikeDetector
 from .ops import backend
 from .scaler import DynamicLossScaler
+from .trainer import AMPTrainer, create_amp_trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AMPConfig",
+    "AMPTrainer",
+    "ClippingStrategy",
+    "GradientClipper",
+    "MetricsLogger",
+    "RECOMMENDED_CLIPPING_THRESHOLDS",
+    "TensorBoardSink",
+    "create_amp_trainer",
+    "create_default_amp_config",
+    "create_gradient_clipper",
+    "get_recommended_threshold",
     "ClipStats",
     "DynamicLossScaler",
     "FusedClipper",

@@ -21,6 +21,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from . import ops, reference
+from .distributed import local_shards, reduce_norms
 from .functional import _checked_bound, _checked_norm_type, _validated
 from .ops import clip_coef
 
@@ -211,21 +212,21 @@ class FusedClipper:
             raise ValueError(f"inv_scale must hold one element, got {inv_scale.numel()}")
         return inv_scale.to(self.device, torch.float32, non_blocking=True).reshape(())
 
-    def _coefficients(self, per_tensor: torch.Tensor, total: torch.Tensor, indices: list[int]):
+    def _coefficients(self, per_tensor: torch.Tensor, total: torch.Tensor, indices: list[int], max_norm):
         """(clip_coef as reported, coefficient per gradient, group norms)."""
         if self.mode == "global":
-            coef = clip_coef(self.max_norm, total)
+            coef = clip_coef(max_norm, total)
             return coef, coef, None
         if self.mode == "per_tensor":
-            coef = clip_coef(self.max_norm, per_tensor)
+            coef = clip_coef(max_norm, per_tensor)
             return coef, coef, None
         group_index = self._group_index(indices)
         group_norms = _group_norms(per_tensor, group_index, self.num_groups, self.norm_type)
-        coef = clip_coef(self.max_norm, group_norms)
+        coef = clip_coef(max_norm, group_norms)
         return coef, coef[group_index], group_norms
 
     # ----------------------------------------------------------------------------------------------------
-    def clip_(self, inv_scale=None, defer_to: Optional[torch.optim.Optimizer] = None) -> ClipStats:
+    def clip_(self, inv_scale=None, defer_to: Optional[torch.optim.Optimizer] = None, max_norm=None) -> ClipStats:
         """Unscale (when ``inv_scale`` is given), check, measure and clip the gradients.
 
         ``inv_scale`` is a device tensor (1 / loss scale) or an ampclip ``DynamicLossScaler``. With
@@ -233,12 +234,19 @@ class FusedClipper:
         optimizer gets ``grad_scale = 1 / (inv_scale * coef)`` and ``found_inf`` and applies them in its
         own read of the gradients (global mode, no ``value_clip``).
 
+        ``max_norm`` overrides the bound for this call: a number, a device tensor, or a function of the
+        pre-clip total norm returning one (how adaptive clipping sets its bound without a host sync).
+
+        DTensor gradients (FSDP2) are measured on their local shards and reduced with one all-reduce, so
+        every rank gets the global norms and the same ``found_inf``.
+
         Returns :class:`ClipStats` of device tensors. No host sync on CUDA.
         """
         inv = self._inv_scale(inv_scale)
         if defer_to is not None:
             self._check_deferrable(defer_to)
         indices, grads = self._present()
+        grads, shard_group = local_shards(grads)
         if not grads:
             zero = torch.zeros((), device=self.device)
             return ClipStats(zero, torch.ones((), device=self.device), zero, zero.clone(), zero.new_zeros(0), [])
@@ -248,7 +256,10 @@ class FusedClipper:
             _validated(ops.scale_pass, grads, one, inv, self.value_clip, backend=self.backend)
             inv = None
         per_tensor, total, found_inf = _validated(ops.norm_pass, grads, inv, self.norm_type, backend=self.backend)
-        reported_coef, coef, group_norms = self._coefficients(per_tensor, total, indices)
+        if shard_group is not None:
+            per_tensor, total, found_inf = reduce_norms(per_tensor, found_inf, self.norm_type, shard_group)
+        bound = self.max_norm if max_norm is None else max_norm(total) if callable(max_norm) else max_norm
+        reported_coef, coef, group_norms = self._coefficients(per_tensor, total, indices, bound)
         post = reference.combine_norms(per_tensor * coef, self.norm_type)
         zero_if_inf = self.on_nonfinite == "zero"
         if defer_to is not None:

@@ -185,24 +185,30 @@ class DynamicLossScaler:
     def unscale_and_clip_(
         self,
         optimizer,
-        max_norm: float,
+        max_norm: Optional[float] = None,
         norm_type: float = 2.0,
         mode: str = "global",
         value_clip: Optional[float] = None,
         defer: Union[bool, str] = "auto",
+        clipper=None,
     ) -> ClipStats:
         """Unscale, check and clip the optimizer's gradients in FusedClipper's fused passes.
 
         ``defer="auto"`` hands the coefficient and the scale to a fused torch optimizer (one read of the
         gradients in all) when it can: global mode, no value clip, ``optimizer`` fused. Per-group mode
-        uses the optimizer's param groups. Returns the :class:`ClipStats` (device tensors).
+        uses the optimizer's param groups. ``clipper`` (a FusedClipper or a GradientClipper) replaces the
+        one built from the other arguments. Returns the :class:`ClipStats` (device tensors).
         """
         state = self._check_ready(optimizer, "unscale_and_clip_()")
-        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
-        deferrable = fused and mode == "global" and value_clip is None
+        if clipper is None:
+            if max_norm is None:
+                raise ValueError("unscale_and_clip_ needs max_norm (or a clipper)")
+            clipper = self._clipper_for(optimizer, max_norm, norm_type, mode, value_clip)
+        fused_clipper = getattr(clipper, "_fused", clipper)
+        deferrable = (getattr(optimizer, "_step_supports_amp_scaling", False) and fused_clipper.mode == "global"
+                      and fused_clipper.value_clip is None)
         if defer is True and not deferrable:
             raise ValueError("defer=True needs a fused torch optimizer, mode='global' and no value_clip")
-        clipper = self._clipper_for(optimizer, max_norm, norm_type, mode, value_clip)
         use_defer = deferrable if defer == "auto" else bool(defer)
         stats = clipper.clip_(self.inv_scale, defer_to=optimizer if use_defer else None)
         stats.found_inf = self._agree(stats.found_inf)

@@ -1,0 +1,92 @@
+"""AMPConfig: one validated description of a mixed-precision training step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional, Union
+
+from .clipping import RECOMMENDED_CLIPPING_THRESHOLDS, ClippingStrategy
+from .clipper import MODES
+from .nan import STRATEGIES as NAN_STRATEGIES
+
+__all__ = ["AMPConfig", "create_default_amp_config"]
+
+
+@dataclass
+class AMPConfig:
+    """Mixed-precision training settings. Invalid combinations raise ValueError at construction.
+
+    * ``precision``: "fp16" (autocast fp16 + dynamic loss scaling), "bf16" (autocast bf16, scale 1) or
+      "fp32".
+    * ``gradient_clip_max_norm``: None picks ``RECOMMENDED_CLIPPING_THRESHOLDS[precision]`` (fp16 1.0,
+      bf16 5.0, fp32 10.0). ``gradient_clip_strategy=None`` switches clipping off.
+    * ``gradient_clip_strategy``: "norm", "value", "adaptive" or None; ``gradient_clip_mode``: "global",
+      "per_tensor" or "per_group".
+    * ``enable_gradient_monitoring``: per-layer norms, every ``monitoring_interval`` steps to the logger.
+    * loss-scaler settings, ``grad_accumulation_steps``, ``nan_recovery_strategy`` ("skip",
+      "reduce_scale", "clip" or "rollback").
+    """
+
+    precision: str = "fp16"
+    gradient_clip_max_norm: Optional[float] = None
+    gradient_clip_strategy: Optional[Union[str, ClippingStrategy]] = "norm"
+    gradient_clip_mode: str = "global"
+    gradient_clip_value: Optional[float] = None
+    adaptive_clip_percentile: float = 10.0
+    adaptive_clip_history: int = 1000
+    enable_gradient_monitoring: bool = True
+    monitoring_interval: int = 100
+    init_scale: Optional[float] = None
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+    hysteresis: int = 1
+    min_scale: float = 0.0
+    max_scale: float = math.inf
+    grad_accumulation_steps: int = 1
+    nan_recovery_strategy: str = "skip"
+    defer_clip: Union[bool, str] = "auto"
+
+    def __post_init__(self):
+        if self.precision not in RECOMMENDED_CLIPPING_THRESHOLDS:
+            raise ValueError(f"precision must be 'fp16', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.gradient_clip_strategy is not None:
+            try:
+                self.gradient_clip_strategy = ClippingStrategy(self.gradient_clip_strategy).value
+            except ValueError:
+                raise ValueError(f"gradient_clip_strategy must be 'norm', 'value', 'adaptive' or None, "
+                                 f"got {self.gradient_clip_strategy!r}") from None
+        if self.gradient_clip_mode not in MODES:
+            raise ValueError(f"gradient_clip_mode must be one of {MODES}, got {self.gradient_clip_mode!r}")
+        if self.gradient_clip_strategy in ("value", "adaptive") and self.gradient_clip_mode != "global":
+            raise ValueError(f"gradient_clip_mode={self.gradient_clip_mode!r} applies to the 'norm' strategy only")
+        if self.gradient_clip_max_norm is None and self.gradient_clip_strategy != "adaptive":
+            self.gradient_clip_max_norm = RECOMMENDED_CLIPPING_THRESHOLDS[self.precision]
+        for name in ("gradient_clip_max_norm", "gradient_clip_value"):
+            value = getattr(self, name)
+            if value is not None and (math.isnan(value) or value < 0):
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.grad_accumulation_steps < 1 or self.monitoring_interval < 1:
+            raise ValueError("grad_accumulation_steps and monitoring_interval must be >= 1")
+        if self.nan_recovery_strategy not in NAN_STRATEGIES:
+            raise ValueError(f"nan_recovery_strategy must be one of {NAN_STRATEGIES}, got {self.nan_recovery_strategy!r}")
+        if self.defer_clip not in (True, False, "auto"):
+            raise ValueError(f"defer_clip must be True, False or 'auto', got {self.defer_clip!r}")
+        if self.precision != "fp16" and self.init_scale not in (None, 1.0):
+            raise ValueError(f"loss scaling is for fp16; precision {self.precision!r} keeps the scale at 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def create_default_amp_config(**overrides) -> AMPConfig:
+    """An :class:`AMPConfig` with the defaults, overridden by keyword.
+
+    Example::
+
+        config = ampclip.create_default_amp_config(
+            precision="bf16", gradient_clip_max_norm=None,      # None: the bf16 default, 5.0
+            gradient_clip_strategy="norm", enable_gradient_monitoring=True)
+    """
+    return AMPConfig(**overrides)

@@ -1,0 +1,234 @@
+"""AMPTrainer: the mixed-precision training step with ampclip's fused clipping, loss scaling, NaN recovery
+and monitoring, for one process, DDP and FSDP2.
+
+One optimizer step: autocast forward, scaled backward (``no_sync`` on accumulation micro-steps under DDP),
+fused unscale + check + clip (deferred into a fused optimizer when possible), skip on inf/NaN, scale update,
+recovery. Nothing syncs with the host unless you ask for a float (``training_step``), log, or use a NaN
+strategy other than "skip".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+
+from .clipping import GradientClipper
+from .config import AMPConfig
+from .metrics import MetricsLogger
+from .nan import NaNDetector, NaNRecoveryManager
+from .scaler import DynamicLossScaler
+
+__all__ = ["AMPTrainer", "create_amp_trainer"]
+
+_AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _default_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:  # fused AdamW lets the clip be deferred into the optimizer's own read of the gradients
+        return torch.optim.AdamW(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr)
+
+
+class AMPTrainer:
+    """Mixed-precision training with fused clipping and a dynamic loss scaler.
+
+    A batch is ``(inputs, targets)``, giving ``loss_fn(model(inputs), targets)``, or a dict passed to the
+    model as keyword arguments when there is no ``loss_fn`` and the model's output carries ``loss``
+    (the Hugging Face convention).
+
+    Example::
+
+        config = ampclip.create_default_amp_config(precision="bf16", gradient_clip_max_norm=1.0)
+        trainer = ampclip.create_amp_trainer(model, loss_fn=torch.nn.functional.cross_entropy, amp_config=config)
+        for batch in loader:
+            loss = trainer.training_step(batch)          # a float (one sync); training_step_async: a tensor
+        print(trainer.last_clipping_stats, trainer.get_gradient_summary())
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        loss_fn: Optional[Callable] = None,
+        amp_config: Optional[AMPConfig] = None,
+        log_scalar: Optional[Union[Callable, Iterable[Callable]]] = None,
+        log_every: int = 1,
+        lr: float = 3e-4,
+        backend: Optional[str] = None,
+    ):
+        self.config = config = amp_config or AMPConfig()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer or _default_optimizer(model, lr)
+        param = next(model.parameters())
+        self.device = param.device
+        self.autocast_dtype = _AUTOCAST_DTYPES[config.precision]
+        self.is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        self.scaler = DynamicLossScaler(
+            self.device, init_scale=config.init_scale, growth_factor=config.growth_factor,
+            backoff_factor=config.backoff_factor, growth_interval=config.growth_interval,
+            hysteresis=config.hysteresis, min_scale=config.min_scale, max_scale=config.max_scale,
+            precision=config.precision, backend=backend)
+        named = [(n, p) for n, p in _unwrap(model).named_parameters() if p.requires_grad]
+        self.clipping_enabled = config.gradient_clip_strategy is not None
+        # With clipping off the clipper still measures (one read, coefficient 1, nothing written).
+        self.clipper = GradientClipper(
+            named, config.gradient_clip_strategy or "norm",
+            max_norm=config.gradient_clip_max_norm if self.clipping_enabled else math.inf,
+            precision=config.precision, clip_value=config.gradient_clip_value, mode=config.gradient_clip_mode,
+            percentile=config.adaptive_clip_percentile, history_size=config.adaptive_clip_history,
+            enable_monitoring=config.enable_gradient_monitoring, backend=backend)
+        self._base_max_norm = self.clipper.max_norm
+        self.recovery = NaNRecoveryManager(_unwrap(model), self.optimizer, self.scaler,
+                                           strategy=config.nan_recovery_strategy, detector=NaNDetector(named))
+        sinks = [] if log_scalar is None else [log_scalar] if callable(log_scalar) else list(log_scalar)
+        self.metrics = MetricsLogger(sinks, log_every)
+        self.global_step = 0
+        self.micro_step = 0
+        self._last: Optional[dict] = None
+
+    # ------------------------------------------------------------------------------------------ one step
+    def compute_loss(self, batch) -> torch.Tensor:
+        if isinstance(batch, dict):
+            if self.loss_fn is not None:
+                raise ValueError("a dict batch goes to the model as keyword arguments; drop loss_fn and "
+                                 "return the loss from the model (output.loss), or pass (inputs, targets)")
+            out = self.model(**batch)
+            loss = out["loss"] if isinstance(out, dict) else getattr(out, "loss", None)
+            if loss is None:
+                raise ValueError("the model's output has no `loss`: pass labels in the batch or a loss_fn")
+            return loss
+        if self.loss_fn is None:
+            raise ValueError("an (inputs, targets) batch needs loss_fn")
+        inputs, targets = batch
+        return self.loss_fn(self.model(inputs), targets)
+
+    def training_step_async(self, batch) -> torch.Tensor:
+        """One micro-step; the optimizer steps every ``grad_accumulation_steps`` calls. Returns the loss as a
+        detached device tensor: no host sync."""
+        k = self.config.grad_accumulation_steps
+        boundary = (self.micro_step + 1) % k == 0
+        no_sync = self.model.no_sync() if self.is_ddp and not boundary else contextlib.nullcontext()
+        with no_sync:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                loss = self.compute_loss(batch)
+            self.scaler.scale(loss.float() / k).backward()
+        self.micro_step += 1
+        if boundary:
+            self._optimizer_step(loss.detach())
+        return loss.detach()
+
+    def training_step(self, batch) -> float:
+        """:meth:`training_step_async` as a Python float (one host sync)."""
+        return float(self.training_step_async(batch))
+
+    def _optimizer_step(self, loss: torch.Tensor) -> None:
+        strategy = self.config.nan_recovery_strategy
+        if strategy == "clip":
+            self.clipper._fused.max_norm = self.recovery.max_norm(self._base_max_norm)
+        stats = self.scaler.unscale_and_clip_(self.optimizer, clipper=self.clipper, defer=self.config.defer_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if strategy != "skip":  # the other strategies act on the host: one read of found_inf
+            self.recovery.after_step(stats.found_inf, loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._last = {
+            "pre_clip_norm": stats.total_norm,
+            "post_clip_norm": stats.post_clip_norm,
+            "clip_coef": stats.clip_coef if stats.clip_coef.dim() == 0 else stats.clip_coef.float().mean(),
+            "found_inf": stats.found_inf,
+            "loss_scale": self.scaler._scale.clone(),
+            "loss": loss.float(),
+        }
+        self._log(stats)
+        self.global_step += 1
+
+    def _log(self, stats) -> None:
+        if not self.metrics.due(self.global_step):
+            return
+        scalars = {
+            "train/loss": self._last["loss"],
+            "gradients/pre_clip_norm": self._last["pre_clip_norm"],
+            "gradients/post_clip_norm": self._last["post_clip_norm"],
+            "gradients/clip_coef": self._last["clip_coef"],
+            "amp/loss_scale": self._last["loss_scale"],
+            "amp/found_inf": self._last["found_inf"],
+        }
+        if self.config.enable_gradient_monitoring and self.global_step % self.config.monitoring_interval == 0:
+            for name, norm in stats.named_norms().items():
+                scalars[f"gradients/layer/{name}"] = norm
+        self.metrics.log(self.global_step, scalars)
+
+    # ------------------------------------------------------------------------------------------ reading
+    @property
+    def last_clipping_stats(self) -> Optional[dict]:
+        """The last optimizer step's ``pre_clip_norm``, ``post_clip_norm``, ``clip_coef``, ``found_inf``,
+        ``loss_scale`` and ``loss`` as floats (one host sync), or None before the first step."""
+        if self._last is None:
+            return None
+        names = list(self._last)
+        values = torch.stack([v.detach().float().reshape(()) for v in self._last.values()]).tolist()
+        out = dict(zip(names, values))
+        out["found_inf"] = bool(out["found_inf"])
+        out["clipped"] = self.clipping_enabled and out["clip_coef"] < 1.0 and not out["found_inf"]
+        return out
+
+    def get_gradient_summary(self) -> dict:
+        """Per-layer gradient norms (last, mean, max), clipped and skipped steps, loss-scale history."""
+        summary = self.clipper.get_statistics()
+        history = self.scaler.history()
+        summary["optimizer_steps"] = self.global_step
+        summary["loss_scale_history"] = history["scale"].tolist()
+        summary["recovery"] = dict(self.recovery.counts)
+        return summary
+
+    def train(self, batches: Iterable, max_steps: Optional[int] = None, progress: bool = True) -> list[float]:
+        """Run :meth:`training_step` over ``batches`` with a progress bar; returns the losses."""
+        from tqdm.auto import tqdm
+
+        losses = []
+        bar = tqdm(batches, total=max_steps, disable=not progress, desc="train")
+        for i, batch in enumerate(bar):
+            if max_steps is not None and i >= max_steps:
+                break
+            losses.append(self.training_step(batch))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        return losses
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Model, optimizer, scaler, clipper (adaptive history included), recovery and step counters."""
+        return {
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "clipper": self.clipper.state_dict(),
+            "recovery": self.recovery.state_dict(),
+            "global_step": self.global_step,
+            "micro_step": self.micro_step,
+            "config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        _unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.clipper.load_state_dict(state["clipper"])
+        self.recovery.load_state_dict(state["recovery"])
+        self.global_step = state["global_step"]
+        self.micro_step = state["micro_step"]
+
+
+def create_amp_trainer(model, optimizer=None, loss_fn=None, amp_config: Optional[AMPConfig] = None,
+                       **kwargs) -> AMPTrainer:
+    """An :class:`AMPTrainer` (``amp_config`` defaults to ``AMPConfig()``)."""
+    return AMPTrainer(model, optimizer, loss_fn, amp_config, **kwargs)
