@@ -1,4 +1,4 @@
-"""``python -m ampclip {env,demo,bench}`` (also the ``ampclip`` console script)."""
+"""``python -m ampclip {env,demo,compare,bench}`` (also the ``ampclip`` console script)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _median_ms(fn, reps: int) -> float:
     return times[len(times) // 2] * 1e3
 
 
-def _demo(args) -> int:
+def _compare(args) -> int:
     """ampclip's and torch's clip_grad_norm_ side by side on GPT-2-124M-shaped random gradients."""
     import torch
 
@@ -109,18 +109,26 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ampclip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="backends available and in use, versions, GPU")
-    demo = sub.add_parser("demo", help="ampclip vs torch clip_grad_norm_ on GPT-2-124M-shaped gradients")
+    demo = sub.add_parser("demo", help="train a tiny GPT with and without ampclip through a spike and an overflow")
+    demo.add_argument("--steps", type=int, default=200)
+    demo.add_argument("--out", default="ampclip-demo", help="folder for the PNG and the summary")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    demo.add_argument("--scale", type=int, default=1, help="divide every tensor's leading dim by this")
-    demo.add_argument("--max-norm", type=float, default=None, help="default: half the gradients' norm")
-    demo.add_argument("--reps", type=int, default=10)
+    compare = sub.add_parser("compare", help="ampclip vs torch clip_grad_norm_ on GPT-2-124M-shaped gradients")
+    compare.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    compare.add_argument("--scale", type=int, default=1, help="divide every tensor's leading dim by this")
+    compare.add_argument("--max-norm", type=float, default=None, help="default: half the gradients' norm")
+    compare.add_argument("--reps", type=int, default=10)
     sub.add_parser("bench", help="benchmarks against torch.nn.utils (see `ampclip bench --help`)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return _bench(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"env": _env, "demo": _demo}[args.command](args)
+    if args.command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(args)
+    return {"env": _env, "compare": _compare}[args.command](args)
 
 
 if __name__ == "__main__":
