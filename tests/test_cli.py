@@ -42,3 +42,14 @@ def test_train_entry_point_single_process():
     out = run("ampclip.train", "--steps", "4", "--log-every", "2")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("step") == 2 and "grad norm" in out.stdout
+
+
+@pytest.mark.parametrize("flag", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_torchrun_two_processes(flag):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun is not installed next to this python")
+    out = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "ampclip.train", "--steps", "4",
+                          "--log-every", "2", *flag], capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("grad norm") == 2  # rank 0 prints
