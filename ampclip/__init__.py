@@ -16,7 +16,6 @@ from .clipping import (
     get_recommended_threshold,
 )
 from .config import AMPConfig, create_default_amp_config
-from .metrics import MetricsLogger, TensorBoardSink
 from .functional import (
     clip_grad_norm_,
     clip_grad_value_,
@@ -26,6 +25,7 @@ from .functional import (
     patch_torch,
     unpatch_torch,
 )
+from .metrics import MetricsLogger, TensorBoardSink
 from .nan import NaNDetector, NaNRecoveryManager, NaNReport, SpikeDetector
 from .ops import backend
 from .scaler import DynamicLossScaler

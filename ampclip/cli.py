@@ -33,6 +33,7 @@ def _compare(args) -> int:
     import torch
 
     import ampclip
+
     from .shapes import gpt2_shapes, scaled
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -90,7 +90,8 @@ class GradientClipper:
         try:
             self.strategy = ClippingStrategy(strategy)
         except ValueError:
-            raise ValueError(f"strategy must be one of {[s.value for s in ClippingStrategy]}, got {strategy!r}") from None
+            names = [s.value for s in ClippingStrategy]
+            raise ValueError(f"strategy must be one of {names}, got {strategy!r}") from None
         default_bound = get_recommended_threshold(precision)
         if self.strategy is ClippingStrategy.ADAPTIVE:
             if mode != "global":

@@ -6,8 +6,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Optional, Union
 
-from .clipping import RECOMMENDED_CLIPPING_THRESHOLDS, ClippingStrategy
 from .clipper import MODES
+from .clipping import RECOMMENDED_CLIPPING_THRESHOLDS, ClippingStrategy
 from .nan import STRATEGIES as NAN_STRATEGIES
 
 __all__ = ["AMPConfig", "create_default_amp_config"]
@@ -70,7 +70,8 @@ class AMPConfig:
         if self.grad_accumulation_steps < 1 or self.monitoring_interval < 1:
             raise ValueError("grad_accumulation_steps and monitoring_interval must be >= 1")
         if self.nan_recovery_strategy not in NAN_STRATEGIES:
-            raise ValueError(f"nan_recovery_strategy must be one of {NAN_STRATEGIES}, got {self.nan_recovery_strategy!r}")
+            raise ValueError(
+                f"nan_recovery_strategy must be one of {NAN_STRATEGIES}, got {self.nan_recovery_strategy!r}")
         if self.defer_clip not in (True, False, "auto"):
             raise ValueError(f"defer_clip must be True, False or 'auto', got {self.defer_clip!r}")
         if self.precision != "fp16" and self.init_scale not in (None, 1.0):

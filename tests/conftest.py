@@ -4,10 +4,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import ampclip  # noqa: E402
+import ampclip
 
 HAS_CUDA = torch.cuda.is_available()
 

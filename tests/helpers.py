@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 # Odd sizes on purpose: 1 element, 3, one past a power of two, zero-size, a tensor that spans two CPU work
 # chunks (65,536 elements each) with a short tail, and 2-D/3-D shapes.
 ODD_SHAPES = [(1,), (3,), (4097,), (0,), (65536 + 1000,), (33, 17), (2, 3, 5), (7, 0), (128,)]
+
+NORMS = [pytest.param(p, id=f"p{p}") for p in (1.0, 2.0, 3.0, math.inf)]
+DTYPE_MIXES = [
+    pytest.param((torch.float32,), id="fp32"),
+    pytest.param((torch.float16,), id="fp16"),
+    pytest.param((torch.bfloat16,), id="bf16"),
+    pytest.param((torch.float64,), id="fp64"),
+    pytest.param((torch.float32, torch.float16, torch.bfloat16), id="mixed"),
+]
+
 
 def random_grads(shapes, dtypes=(torch.float32,), scale=1.0, noncontiguous_every=0, seed=0):
     """Random gradients (never zeros) with dtypes cycling through ``dtypes``.

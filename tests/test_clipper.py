@@ -7,7 +7,6 @@ import torch
 
 import ampclip
 from ampclip import reference
-
 from helpers import bitwise_equal, clone_all, random_grads, rel_close
 
 # Small sizes: the Triton interpreter costs about 0.7 ms per program.
@@ -220,7 +219,7 @@ def test_flatten_rehomes_grads_into_one_buffer():
     flat = ampclip.FusedClipper(model.parameters(), max_norm=0.1, flatten=True)
     plain = ampclip.FusedClipper(twin.parameters(), max_norm=0.1)
     buffer = flat._flat.buffers[0]
-    for step in range(2):
+    for _ in range(2):
         x = torch.randn(4, 8)
         flat.zero_grad()
         plain.zero_grad()

@@ -7,8 +7,9 @@ import torch
 
 import ampclip
 from ampclip import ops, reference
-
 from helpers import (
+    DTYPE_MIXES,
+    NORMS,
     ODD_SHAPES,
     bitwise_equal,
     clone_all,
@@ -22,14 +23,6 @@ from helpers import (
 BACKENDS = [
     "reference",
     pytest.param("cpp", marks=pytest.mark.skipif(not ampclip.ops.available_backends()["cpp"], reason="no _C")),
-]
-NORMS = [pytest.param(p, id=f"p{p}") for p in (1.0, 2.0, 3.0, math.inf)]
-DTYPE_MIXES = [
-    pytest.param((torch.float32,), id="fp32"),
-    pytest.param((torch.float16,), id="fp16"),
-    pytest.param((torch.bfloat16,), id="bf16"),
-    pytest.param((torch.float64,), id="fp64"),
-    pytest.param((torch.float32, torch.float16, torch.bfloat16), id="mixed"),
 ]
 
 

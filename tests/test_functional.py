@@ -10,17 +10,8 @@ import torch
 
 import ampclip
 from ampclip import reference
+from helpers import DTYPE_MIXES, NORMS, ODD_SHAPES, bitwise_equal, random_grads, rel_close
 
-from helpers import ODD_SHAPES, bitwise_equal, random_grads, rel_close
-
-NORMS = [pytest.param(p, id=f"p{p}") for p in (1.0, 2.0, 3.0, math.inf)]
-DTYPE_MIXES = [
-    pytest.param((torch.float32,), id="fp32"),
-    pytest.param((torch.float16,), id="fp16"),
-    pytest.param((torch.bfloat16,), id="bf16"),
-    pytest.param((torch.float64,), id="fp64"),
-    pytest.param((torch.float32, torch.float16, torch.bfloat16), id="mixed"),
-]
 # torch keeps per-tensor norms in the gradient dtype, so its result carries that dtype's rounding.
 TORCH_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

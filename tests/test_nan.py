@@ -7,7 +7,6 @@ import torch
 
 import ampclip
 from ampclip import DynamicLossScaler, NaNDetector, NaNRecoveryManager, SpikeDetector
-
 from helpers import bitwise_equal
 
 

@@ -5,7 +5,6 @@ import torch
 
 import ampclip
 from ampclip import ops
-
 from helpers import random_grads
 
 CPU_BACKENDS = [name for name in ("reference", "cpp") if ops.available_backends()[name]]

@@ -9,9 +9,7 @@ import random
 import pytest
 import torch
 
-import ampclip
 from ampclip import DynamicLossScaler
-
 from helpers import bitwise_equal
 
 

@@ -19,7 +19,6 @@ from ampclip import (
 )
 from ampclip.models import TinyGPT, random_batches
 from ampclip.reference import exact_norm
-
 from helpers import bitwise_equal
 
 
