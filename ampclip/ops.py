@@ -28,6 +28,7 @@ custom-op boxing costs about 0.5 µs per tensor, which on 10,000 tiny gradients 
 
 from __future__ import annotations
 
+import os
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -93,8 +94,6 @@ def available_backends() -> dict[str, bool]:
 
 
 def _triton_runs_on(device: torch.device) -> bool:
-    import os
-
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
