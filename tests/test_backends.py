@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-import ampclip
 from ampclip import ops, reference
 from helpers import (
     DTYPE_MIXES,
@@ -20,6 +19,7 @@ from helpers import (
     random_grads,
     rel_close,
 )
+
 
 def _backend(name):
     return pytest.param(name, marks=pytest.mark.skipif(not ops.available_backends()[name], reason=f"no {name}"))
