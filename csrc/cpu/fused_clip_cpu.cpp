@@ -35,6 +35,13 @@ constexpr int64_t kBlock = 2048;
 
 enum class NormKind { kL1, kL2, kInf, kP };
 
+// Function multiversioning: the loader picks the AVX2 build of a function on CPUs that have it.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define AMPCLIP_CPU_CLONES __attribute__((noinline, target_clones("avx2", "default")))
+#else
+#define AMPCLIP_CPU_CLONES __attribute__((noinline))
+#endif
+
 struct WorkItem {
   int64_t tensor;
   int64_t begin;
@@ -162,6 +169,30 @@ double reduce_streams(const float* x, int64_t n, float inv, float p) {
   }
 }
 
+// bfloat16 is the top half of a float: widening is a shift, written on raw bits so that the loop
+// vectorises (c10's per-element conversion does not, and made bf16 gradients slower than fp32 ones).
+AMPCLIP_CPU_CLONES void widen(const c10::BFloat16* x, int64_t n, float* out) {
+  const auto* bits = reinterpret_cast<const uint16_t*>(x);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t wide = static_cast<uint32_t>(bits[i]) << 16;
+    std::memcpy(out + i, &wide, sizeof(float));
+  }
+}
+
+template <typename scalar_t>
+inline void widen(const scalar_t* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(x[i]);
+}
+
+// float -> bfloat16, round to nearest even, NaN to the quiet NaN 0x7fc0: c10's rounding, bit for bit, on raw
+// bits so that the loop vectorises.
+inline uint16_t narrow_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return f != f ? uint16_t{0x7fc0} : static_cast<uint16_t>(rounded);
+}
+
 // Reduces a chunk to one double partial: the sum of |x * inv|^p, or max |x * inv|. float gradients are read
 // in place; half and bfloat16 are widened a block at a time into a buffer that stays in L1.
 template <typename scalar_t, NormKind kind, bool kUnscale>
@@ -180,7 +211,7 @@ double reduce_chunk(const scalar_t* x, int64_t n, double inv, double p) {
       float buffer[kBlock];
       for (int64_t block = 0; block < n; block += kBlock) {
         const int64_t m = std::min(n - block, kBlock);
-        for (int64_t i = 0; i < m; ++i) buffer[i] = static_cast<float>(x[block + i]);
+        widen(x + block, m, buffer);
         partial = fold<kind>(partial, reduce_block<kind, kUnscale>(buffer, m, inv_f, p_f));
       }
       return partial;
@@ -330,6 +361,17 @@ inline void scale_floats(float* x, int64_t n, float inv, float coef) {
   for (int64_t i = kStreams * per_stream; i < n; ++i) x[i] = x[i] * inv * coef;
 }
 
+// bfloat16 x <- x * inv * coef on raw bits. SSE2 has no 32-to-16-bit pack, so its vectorised loop is
+// mostly shuffles (37 ms for 124M elements against torch's 23 ms): an AVX2 clone runs where the CPU has it.
+AMPCLIP_CPU_CLONES void scale_bf16(uint16_t* __restrict bits, int64_t n, float inv, float coef) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t wide = static_cast<uint32_t>(bits[i]) << 16;
+    float u;
+    std::memcpy(&u, &wide, sizeof(u));
+    bits[i] = narrow_bf16(u * inv * coef);
+  }
+}
+
 // x <- clamp(x * inv, -clip, clip) * coef, rounded once. Written as compares and selects so that the float
 // loop vectorises; a NaN passes through the clamp, as in torch.clamp.
 template <typename scalar_t>
@@ -348,6 +390,8 @@ void scale_chunk(scalar_t* x, int64_t n, double inv, bool has_clip, double clip,
     }
   } else if constexpr (std::is_same_v<scalar_t, float>) {
     scale_floats(x, n, inv_a, coef_a);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    scale_bf16(reinterpret_cast<uint16_t*>(x), n, inv_a, coef_a);
   } else {
     for (int64_t i = 0; i < n; ++i) x[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * inv_a * coef_a);
   }
