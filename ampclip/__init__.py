@@ -29,7 +29,7 @@ from .metrics import MetricsLogger, TensorBoardSink
 from .nan import NaNDetector, NaNRecoveryManager, NaNReport, SpikeDetector
 from .ops import backend
 from .scaler import DynamicLossScaler
-from .trainer import AMPTrainer, create_amp_trainer
+from .trainer import AMPTrainer, create_amp_trainer, run_training_epoch
 
 __version__ = "0.1.0"
 
@@ -61,5 +61,6 @@ __all__ = [
     "ops",
     "patch_torch",
     "reference",
+    "run_training_epoch",
     "unpatch_torch",
 ]

@@ -7,6 +7,7 @@ Differences from ``torch.amp.GradScaler`` (all documented in docs/scaler.md):
 * ``hysteresis=H`` backs the scale off only after H consecutive overflowing steps (DeepSpeed's
   consecutive hysteresis; H=1, the default, is torch's behaviour). ``min_scale`` / ``max_scale`` bound it.
 * A bounded on-device history of scales, overflow flags and gradient norms, for logging.
+* Sharded gradients (FSDP2's DTensors, or any given ``process_group``): every rank skips together.
 * ``precision="bf16"`` or ``"fp32"``: the scale stays 1 but the inf/NaN check and the skip still work.
 
 Host syncs: ``step`` is sync-free with a fused torch optimizer (Adam, AdamW, SGD with ``fused=True``),
@@ -25,6 +26,7 @@ import torch
 
 from . import ops
 from .clipper import ClipStats, FusedClipper
+from .distributed import local_shards
 
 __all__ = ["DynamicLossScaler"]
 
@@ -76,7 +78,7 @@ class DynamicLossScaler:
         precision: str = "fp16",
         history_size: int = 1000,
         backend: Optional[str] = None,
-        process_group=None,  # for the found_inf all-reduce; None: the default group when one is running
+        process_group=None,  # gradients sharded by hand over this group: found_inf is all-reduced over it
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -156,31 +158,39 @@ class DynamicLossScaler:
     def _grads(optimizer) -> list[torch.Tensor]:
         return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
-    def _agree(self, found_inf: torch.Tensor) -> torch.Tensor:
-        """With torch.distributed running, every rank skips when any rank saw inf/NaN: one MAX all-reduce
-        of one float, no host sync. (Sharded gradients, e.g. FSDP2, hold an inf on one rank only.)"""
+    def _agree(self, found_inf: torch.Tensor, group=None) -> torch.Tensor:
+        """Sharded gradients hold an inf on one rank only: one MAX all-reduce of one float over the shard
+        group (FSDP2's DTensors) or the ``process_group`` given, so that every rank skips. Nothing under DDP,
+        whose gradients are already averaged across ranks."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(self._process_group) == 1:
+        group = group if group is not None else self._process_group
+        if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
             return found_inf
         found_inf = found_inf.clone()
-        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=self._process_group)
+        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=group)
         return found_inf
+
+    def _check_grads(self, optimizer, unscale_in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One read of the optimizer's gradients: (norm, found_inf) of the unscaled values; with
+        ``unscale_in_place`` also one write of ``g * inv_scale``."""
+        grads, shard_group = local_shards(self._grads(optimizer))
+        if not grads:
+            zero = torch.zeros((), device=self._device)
+            return zero, zero.clone()
+        inv = self.inv_scale
+        _, norm, found_inf = ops.norm_pass(grads, inv, 2.0, backend=self._backend)
+        if unscale_in_place and inv is not None:
+            ops.scale_pass(grads, torch.ones((), device=grads[0].device), inv, backend=self._backend)
+        return norm, self._agree(found_inf, shard_group)
 
     def unscale_(self, optimizer) -> None:
         """Divide the optimizer's gradients by the scale in place and record inf/NaN (no host sync)."""
         if not self._enabled:
             return
         state = self._check_ready(optimizer, "unscale_()")
-        grads = self._grads(optimizer)
-        inv = self.inv_scale
-        if grads:
-            _, norm, found_inf = ops.norm_pass(grads, inv, 2.0, backend=self._backend)
-            if inv is not None:
-                ops.scale_pass(grads, torch.ones((), device=grads[0].device), inv, backend=self._backend)
-        else:
-            norm = found_inf = torch.zeros((), device=self._device)
-        state.found_inf, state.grad_norm, state.stage = self._agree(found_inf), norm, _Stage.UNSCALED
+        state.grad_norm, state.found_inf = self._check_grads(optimizer, unscale_in_place=True)
+        state.stage = _Stage.UNSCALED
 
     def unscale_and_clip_(
         self,
@@ -254,12 +264,7 @@ class DynamicLossScaler:
             return optimizer.step(*args, **kwargs)
         if state.stage is _Stage.READY:
             # One read for found_inf; the gradients stay scaled and the optimizer divides by grad_scale.
-            grads = self._grads(optimizer)
-            if grads:
-                _, state.grad_norm, found_inf = ops.norm_pass(grads, self.inv_scale, 2.0, backend=self._backend)
-            else:
-                found_inf = torch.zeros((), device=self._device)
-            state.found_inf = self._agree(found_inf)
+            state.grad_norm, state.found_inf = self._check_grads(optimizer, unscale_in_place=False)
             if self._dynamic:
                 optimizer.grad_scale = self._scale
         optimizer.found_inf = state.found_inf

@@ -21,7 +21,7 @@ from .metrics import MetricsLogger
 from .nan import NaNDetector, NaNRecoveryManager
 from .scaler import DynamicLossScaler
 
-__all__ = ["AMPTrainer", "create_amp_trainer"]
+__all__ = ["AMPTrainer", "create_amp_trainer", "run_training_epoch"]
 
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 
@@ -232,3 +232,42 @@ def create_amp_trainer(model, optimizer=None, loss_fn=None, amp_config: Optional
                        **kwargs) -> AMPTrainer:
     """An :class:`AMPTrainer` (``amp_config`` defaults to ``AMPConfig()``)."""
     return AMPTrainer(model, optimizer, loss_fn, amp_config, **kwargs)
+
+
+def run_training_epoch(model, dataloader, optimizer, device=None, max_grad_norm: Optional[float] = 1.0,
+                       tracker=None, loss_fn: Optional[Callable] = None) -> float:
+    """One epoch of the plain loop: forward, backward, clip, step. Returns the mean loss.
+
+    ``max_grad_norm=None`` disables clipping. With a ``tracker`` (anything with ``log_scalar(name, value,
+    step)``), the first batch of the epoch logs ``gradients/pre_clip_norm`` and
+    ``gradients/post_clip_norm``. Batches are dicts for ``model(**batch).loss`` or ``(inputs, targets)``
+    with ``loss_fn``.
+
+    Example::
+
+        loss = ampclip.run_training_epoch(model, loader, optimizer, max_grad_norm=1.0, tracker=tracker)
+    """
+    from . import functional, ops
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    total, batches = 0.0, 0
+    for index, batch in enumerate(dataloader):
+        if isinstance(batch, dict):
+            batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
+            loss = model(**batch).loss
+        else:
+            inputs, targets = (t.to(device) if device is not None else t for t in batch)
+            loss = loss_fn(model(inputs), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        if max_grad_norm is not None:
+            pre = functional.clip_grad_norm_(params, max_grad_norm)
+            if tracker is not None and index == 0:
+                post = pre * ops.clip_coef(max_grad_norm, pre)
+                tracker.log_scalar("gradients/pre_clip_norm", float(pre), index)
+                tracker.log_scalar("gradients/post_clip_norm", float(post), index)
+        optimizer.step()
+        total += float(loss.detach())
+        batches += 1
+    return total / max(batches, 1)

@@ -49,7 +49,8 @@ def test_torchrun_two_processes(flag):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     if not os.path.exists(torchrun):
         pytest.skip("torchrun is not installed next to this python")
-    out = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "ampclip.train", "--steps", "4",
-                          "--log-every", "2", *flag], capture_output=True, text=True, env=ENV, timeout=300)
+    # --standalone: a free port of its own, so a busy default port cannot make a worker wait forever.
+    out = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "ampclip.train", "--steps", "4",
+                          "--log-every", "2", *flag], capture_output=True, text=True, env=ENV, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("grad norm") == 2  # rank 0 prints

@@ -218,3 +218,27 @@ def test_train_loop_with_progress_bar():
     trainer = lm_trainer()
     losses = trainer.train(random_batches(4, 64), max_steps=3, progress=False)
     assert len(losses) == 3 and trainer.global_step == 3
+
+
+class _Tracker:
+    def __init__(self):
+        self.logged = {}
+
+    def log_scalar(self, name, value, step):
+        self.logged[name] = value
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.05, None])
+def test_run_training_epoch_clips_logs_or_leaves_alone(max_grad_norm):
+    torch.manual_seed(0)
+    model = TinyGPT()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = _take(random_batches(4, 64, seed=5), 3)
+    tracker = _Tracker()
+    loss = ampclip.run_training_epoch(model, batches, opt, max_grad_norm=max_grad_norm, tracker=tracker)
+    assert math.isfinite(loss)
+    if max_grad_norm is None:
+        assert tracker.logged == {}
+    else:
+        assert tracker.logged["gradients/pre_clip_norm"] > max_grad_norm
+        assert abs(tracker.logged["gradients/post_clip_norm"] - max_grad_norm) < 1e-5
