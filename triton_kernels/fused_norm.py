@@ -1,13 +1,26 @@
-"""Pass 1: one read of every gradient. Unscale on the fly, flag inf/NaN, accumulate per-chunk partials of
-|g|^p (or max |g|); then a fixed-order finalize into per-tensor norms, the total norm and found_inf.
+"""Pass 1: one read of every gradient. Unscale on the fly, flag inf/NaN exactly, accumulate a partial of
+|u|^p (or max |u|) per chunk; then a fixed-order finalize into per-tensor norms, the total norm and found_inf.
 
-Deterministic: every chunk writes its own partial slot and the finalize sums the slots of a tensor in
-order, so the same gradients give a bitwise identical norm run after run (no float atomics).
+Three launches whatever the number of tensors and dtypes:
+
+1. ``_fused_norm_kernel``, one program per chunk (tensor table, ``tensor_table.py``): writes partial[c]
+   and flag[c] (0 finite, 1 inf, 2 NaN) into a scratch buffer. Every slot is written by exactly one program.
+2. ``_tensor_finalize_kernel``, one program per tensor: reduces the tensor's chunk slots in index order
+   (float64, tiny data) and writes the per-tensor norm plus its accumulator and flag.
+3. ``_total_finalize_kernel``, one program: reduces the T per-tensor accumulators in index order into the
+   total norm and found_inf.
+
+Deterministic: no atomics, a fixed grid and fixed reduction trees, so the same gradients give bitwise
+identical outputs run after run. ``found_inf`` is exact: each element's unscaled value u is tested with
+``u != u`` and ``|u| > max finite``, never inferred from the accumulator, so a finite value whose square
+overflows (|u| > 1.8e19 in fp32) does not set it. The inf-norm replaces NaN by 0 in its running max
+(``max`` has no NaN contract in Triton) and restores NaN from the flag in the finalize.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -15,33 +28,26 @@ import triton.language as tl
 
 from .tensor_table import CHUNK, tensor_table
 
-BLOCK = 1024
-FINALIZE_BLOCK = 256
+BLOCK = 1024  # elements per loop step: 8 per thread at 4 warps, a 16-byte load for fp16
+FINALIZE_BLOCK = 256  # chunk slots per step of the per-tensor finalize (most tensors own 1 chunk)
+TOTAL_BLOCK = 1024  # tensors per step of the one-program total finalize (10,000 tensors: 10 steps)
 NORM_L2, NORM_L1, NORM_INF, NORM_P = 0, 1, 2, 3
-# found flags per chunk: 0 finite, 1 inf (no NaN), 2 NaN. The inf-norm needs to tell NaN from inf.
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-              torch.float64: tl.float64}
+# Tests set this to float("nan") to poison the scratch buffers, proving every slot is written before read.
+SCRATCH_FILL: Optional[float] = None
+_FP32_MAX = torch.finfo(torch.float32).max
+_FP64_MAX = torch.finfo(torch.float64).max
 
 
 @triton.jit
-def _fused_norm_kernel(
-    ptrs, numels, chunk_tensor, chunk_start, inv_scale_ptr, partial_out, flag_out, p,
-    DTYPE: tl.constexpr, ACC: tl.constexpr, MAX_FINITE: tl.constexpr, NORM: tl.constexpr,
-    HAS_INV: tl.constexpr, CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(chunk_tensor + pid)
-    start = tl.load(chunk_start + pid)
-    numel = tl.load(numels + t)
-    base = tl.load(ptrs + t).to(tl.pointer_type(DTYPE))
+def _chunk_partial(base, start, n, inv, p, ACC: tl.constexpr, MAX_FINITE: tl.constexpr, NORM: tl.constexpr,
+                   HAS_INV: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """(partial, flag) of elements start .. start+n of ``base`` (a typed pointer); n <= CHUNK."""
     acc = tl.zeros([BLOCK_SIZE], dtype=ACC)
     flag = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
-    offsets = tl.arange(0, BLOCK_SIZE).to(tl.int64)
-    if HAS_INV:
-        inv = tl.load(inv_scale_ptr).to(ACC)
-    for i in range(0, tl.minimum(numel - start, CHUNK_SIZE), BLOCK_SIZE):  # tiny tensors: one step
-        idx = start + i + offsets
-        mask = idx < numel
+    offsets = tl.arange(0, BLOCK_SIZE)
+    for i in range(0, n, BLOCK_SIZE):  # a tiny tensor takes one masked step
+        mask = i + offsets < n
+        idx = start + i + offsets  # int64: tensors may pass 2^31 elements
         x = tl.load(base + idx, mask=mask, other=0.0).to(ACC)
         if HAS_INV:
             x = x * inv
@@ -53,31 +59,84 @@ def _fused_norm_kernel(
         elif NORM == 1:
             acc += a
         elif NORM == 2:
-            acc = tl.maximum(acc, tl.where(is_nan, 0.0, a))  # NaN is carried by the flag
+            acc = tl.maximum(acc, tl.where(is_nan, 0.0, a))  # NaN comes back from the flag
         else:
-            acc += tl.where(a == 0.0, 0.0, tl.exp2(p * tl.log2(tl.where(a == 0.0, 1.0, a))))
+            # |x|^p = 2^(p log2 |x|); 0 stays 0, inf stays inf, NaN stays NaN
+            safe = tl.where(a == 0.0, 1.0, a)
+            acc += tl.where(a == 0.0, 0.0, tl.exp2(p * tl.log2(safe)))
     if NORM == 2:
         partial = tl.max(acc, axis=0)
     else:
         partial = tl.sum(acc, axis=0)
-    tl.store(partial_out + pid, partial)
-    tl.store(flag_out + pid, tl.max(flag, axis=0))
+    return partial, tl.max(flag, axis=0)
 
 
 @triton.jit
-def _finalize_kernel(partials, flags, chunk_begin, acc_out, flag_out,
-                     ACC: tl.constexpr, NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    t = tl.program_id(0)
+def _fused_norm_kernel(
+    table_ptrs, table_numels, table_codes, chunk_begin, chunk_tensor, inv_scale_ptr, partial_out, flag_out, p,
+    ACC: tl.constexpr, MAX_FINITE: tl.constexpr, NORM: tl.constexpr, HAS_INV: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(chunk_tensor + pid)
+    start = (pid - tl.load(chunk_begin + t)) * CHUNK_SIZE
+    n = tl.minimum(tl.load(table_numels + t) - start, CHUNK_SIZE).to(tl.int32)
+    code = tl.load(table_codes + t)
+    addr = tl.load(table_ptrs + t)
+    inv = 1.0
+    if HAS_INV:
+        inv = tl.load(inv_scale_ptr).to(ACC)
+    # One branch per dtype (uniform within a program): one launch covers a mixed-dtype list.
+    if code == 0:
+        partial, flag = _chunk_partial(addr.to(tl.pointer_type(tl.float16)), start, n, inv, p,
+                                       ACC, MAX_FINITE, NORM, HAS_INV, BLOCK_SIZE)
+        tl.store(partial_out + pid, partial.to(ACC))
+        tl.store(flag_out + pid, flag.to(ACC))
+    elif code == 1:
+        partial, flag = _chunk_partial(addr.to(tl.pointer_type(tl.bfloat16)), start, n, inv, p,
+                                       ACC, MAX_FINITE, NORM, HAS_INV, BLOCK_SIZE)
+        tl.store(partial_out + pid, partial.to(ACC))
+        tl.store(flag_out + pid, flag.to(ACC))
+    elif code == 2:
+        partial, flag = _chunk_partial(addr.to(tl.pointer_type(tl.float32)), start, n, inv, p,
+                                       ACC, MAX_FINITE, NORM, HAS_INV, BLOCK_SIZE)
+        tl.store(partial_out + pid, partial.to(ACC))
+        tl.store(flag_out + pid, flag.to(ACC))
+    else:
+        partial, flag = _chunk_partial(addr.to(tl.pointer_type(tl.float64)), start, n, inv, p,
+                                       ACC, MAX_FINITE, NORM, HAS_INV, BLOCK_SIZE)
+        tl.store(partial_out + pid, partial.to(ACC))
+        tl.store(flag_out + pid, flag.to(ACC))
+
+
+@triton.jit
+def _root(acc, flag, inv_p, NORM: tl.constexpr):
+    """The norm from its accumulator (float64): sqrt, identity, max with NaN restored, or acc^(1/p)."""
+    if NORM == 0:
+        out = tl.sqrt(acc)
+    elif NORM == 1:
+        out = acc
+    elif NORM == 2:
+        out = tl.where(flag == 2.0, float("nan"), acc)
+    else:
+        safe = tl.where(acc == 0.0, 1.0, acc)
+        out = tl.where(acc == 0.0, 0.0, tl.exp2(tl.log2(safe) * inv_p))
+    return out
+
+
+@triton.jit
+def _tensor_finalize_kernel(partials, flags, chunk_begin, norm_out, acc_out, flag_out, inv_p,
+                            NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
     begin = tl.load(chunk_begin + t)
-    end = tl.load(chunk_begin + t + 1)
-    acc = tl.zeros([BLOCK_SIZE], dtype=ACC)
-    flag = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
+    count = (tl.load(chunk_begin + t + 1) - begin).to(tl.int32)
+    acc = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
+    flag = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
     offsets = tl.arange(0, BLOCK_SIZE)
-    for i in range(begin, end, BLOCK_SIZE):
-        idx = i + offsets
-        mask = idx < end
-        v = tl.load(partials + idx, mask=mask, other=0.0)
-        flag = tl.maximum(flag, tl.load(flags + idx, mask=mask, other=0))
+    for i in range(0, count, BLOCK_SIZE):  # zero-size tensor: no step, norm 0
+        mask = i + offsets < count
+        v = tl.load(partials + begin + i + offsets, mask=mask, other=0.0).to(tl.float64)
+        flag = tl.maximum(flag, tl.load(flags + begin + i + offsets, mask=mask, other=0.0).to(tl.float64))
         if NORM == 2:
             acc = tl.maximum(acc, v)
         else:
@@ -85,72 +144,97 @@ def _finalize_kernel(partials, flags, chunk_begin, acc_out, flag_out,
     f = tl.max(flag, axis=0)
     if NORM == 2:
         total = tl.max(acc, axis=0)
-        total = tl.where(f == 2, float("nan"), total)
     else:
         total = tl.sum(acc, axis=0)
+    norm = _root(total, f, inv_p, NORM)
+    tl.store(norm_out + t, norm.to(norm_out.dtype.element_ty))
     tl.store(acc_out + t, total)
     tl.store(flag_out + t, f)
 
 
-def _norm_kind(norm_type: float) -> int:
-    if math.isinf(norm_type):
-        return NORM_INF
-    return {2.0: NORM_L2, 1.0: NORM_L1}.get(norm_type, NORM_P)
-
-
-def _group_accumulators(tensors, inv_scale, norm_kind, norm_type, acc_dtype, chunk):
-    """Per-tensor accumulators (sum of |u|^p, or max |u|) and found flags of one dtype group."""
-    table = tensor_table(tensors, chunk)
-    device = tensors[0].device
-    dtype = tensors[0].dtype
-    partials = torch.empty(table.num_chunks, dtype=acc_dtype, device=device)
-    chunk_flags = torch.empty(table.num_chunks, dtype=torch.int32, device=device)
-    tl_acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
-    max_finite = torch.finfo(acc_dtype).max
-    if table.num_chunks:
-        _fused_norm_kernel[(table.num_chunks,)](
-            table.ptrs, table.numels, table.chunk_tensor, table.chunk_start,
-            inv_scale if inv_scale is not None else partials, partials, chunk_flags, float(norm_type),
-            DTYPE=_TL_DTYPES[dtype], ACC=tl_acc, MAX_FINITE=max_finite, NORM=norm_kind,
-            HAS_INV=inv_scale is not None, CHUNK_SIZE=chunk, BLOCK_SIZE=BLOCK,
-        )
-    accs = torch.empty(len(tensors), dtype=acc_dtype, device=device)
-    flags = torch.empty(len(tensors), dtype=torch.int32, device=device)
-    _finalize_kernel[(len(tensors),)](partials, chunk_flags, table.chunk_begin, accs, flags,
-                                      ACC=tl_acc, NORM=norm_kind, BLOCK_SIZE=FINALIZE_BLOCK)
-    return accs, flags
-
-
-def fused_norm_triton(grads: list[torch.Tensor], inv_scale, norm_type: float, chunk: int = CHUNK):
-    """``(per_tensor_norms, total_norm, found_inf)`` of ``grads * inv_scale``: the op contract of
-    ``ampclip::norm_pass``. One norm launch and one finalize launch per dtype in the list, whatever the
-    number of tensors; no host sync.
-    """
-    acc_dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-    device = grads[0].device
-    norm_kind = _norm_kind(norm_type)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, g in enumerate(grads):
-        by_dtype.setdefault(g.dtype, []).append(i)
-    inv = None if inv_scale is None else inv_scale.to(device=device, dtype=torch.float32).reshape(1)
-    accs = torch.empty(len(grads), dtype=acc_dtype, device=device)
-    flags = torch.empty(len(grads), dtype=torch.int32, device=device)
-    for dtype, indices in by_dtype.items():
-        tensors = [grads[i].contiguous() for i in indices]  # a strided view is read through a copy
-        group_acc = torch.float64 if dtype == torch.float64 else torch.float32
-        a, f = _group_accumulators(tensors, inv, norm_kind, norm_type, group_acc, chunk)
-        if len(by_dtype) == 1:
-            accs, flags = a.to(acc_dtype), f
+@triton.jit
+def _total_finalize_kernel(accs, flags, num_tensors, total_out, found_out, inv_p,
+                           NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    acc = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
+    flag = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
+    offsets = tl.arange(0, BLOCK_SIZE)
+    for i in range(0, num_tensors, BLOCK_SIZE):
+        mask = i + offsets < num_tensors
+        v = tl.load(accs + i + offsets, mask=mask, other=0.0)
+        flag = tl.maximum(flag, tl.load(flags + i + offsets, mask=mask, other=0.0))
+        if NORM == 2:
+            acc = tl.maximum(acc, v)
         else:
-            index = torch.tensor(indices, device=device)
-            accs.index_copy_(0, index, a.to(acc_dtype))
-            flags.index_copy_(0, index, f)
-    if norm_kind == NORM_INF:
-        per_tensor = accs
-        total = per_tensor.max()  # NaN-propagating, like the per-tensor finalize
+            acc += v
+    f = tl.max(flag, axis=0)
+    if NORM == 2:
+        total = tl.max(acc, axis=0)
     else:
-        root = {NORM_L2: 0.5, NORM_L1: 1.0}.get(norm_kind, 1.0 / norm_type)
-        per_tensor = accs.pow(root)
-        total = accs.sum().pow(root)
-    found_inf = (flags.max() > 0).to(torch.float32)
-    return per_tensor, total, found_inf
+        total = tl.sum(acc, axis=0)
+    tl.store(total_out, _root(total, f, inv_p, NORM).to(total_out.dtype.element_ty))
+    tl.store(found_out, tl.where(f > 0.0, 1.0, 0.0).to(tl.float32))
+
+
+def _norm_kind(norm_type: float) -> int:
+    if math.isinf(norm_type) and norm_type > 0:
+        return NORM_INF
+    return {2.0: NORM_L2, 1.0: NORM_L1}.get(float(norm_type), NORM_P)
+
+
+def _scratch(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if SCRATCH_FILL is None:
+        return torch.empty(size, dtype=dtype, device=device)
+    return torch.full((size,), SCRATCH_FILL, dtype=dtype, device=device)
+
+
+def fused_norm_triton(grads: list[torch.Tensor], inv_scale: Optional[torch.Tensor], norm_type: float,
+                      chunk: int = CHUNK):
+    """``(per_tensor_norms, total_norm, found_inf)`` of ``grads * inv_scale``: ``ampclip::norm_pass``.
+
+    Norms are float32 (float64 when any gradient is float64; then every gradient is accumulated in
+    float64, as the reference does); ``found_inf`` is a 0-d float32, 1.0 exactly when some unscaled element
+    is inf or NaN. Three launches whatever the number of tensors or dtypes, no host sync, bitwise
+    deterministic. ``chunk`` (elements per program) is for tests; results do not depend on it beyond
+    rounding.
+
+    Example::
+
+        per_tensor, total, found_inf = fused_norm_triton([p.grad for p in params], inv_scale, 2.0)
+    """
+    if not (norm_type > 0):
+        raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
+    if not grads:
+        zero = torch.zeros((), dtype=torch.float32)
+        return torch.zeros(0), zero, zero.clone()
+    table = tensor_table(grads, chunk)
+    device = grads[0].device
+    acc_dtype = torch.float64 if table.has_fp64 else torch.float32
+    norm_kind = _norm_kind(norm_type)
+    inv_p = 1.0 / norm_type if norm_kind == NORM_P else 1.0
+    if inv_scale is not None and inv_scale.device != device:
+        inv_scale = inv_scale.to(device)
+    table.stage_in(grads)
+    n, c = table.num_tensors, table.num_chunks
+    # scratch: chunk partials and flags (acc dtype), then per-tensor accumulators and flags (float64)
+    chunk_scratch = _scratch(2 * c, acc_dtype, device)
+    tensor_scratch = _scratch(2 * n, torch.float64, device)
+    out = torch.empty(n + 1, dtype=acc_dtype, device=device)  # per-tensor norms, then the total
+    found_inf = torch.empty((), dtype=torch.float32, device=device)
+    if c:  # an all-zero-size list launches no norm programs (a 0-program grid is not launchable)
+        _fused_norm_kernel[(c,)](
+            table.dev_ptrs, table.numels, table.codes, table.chunk_begin, table.chunk_tensor,
+            inv_scale if inv_scale is not None else table.buffer, chunk_scratch[:c], chunk_scratch[c:],
+            float(norm_type) if norm_kind == NORM_P else 1.0,
+            ACC=tl.float64 if table.has_fp64 else tl.float32,
+            MAX_FINITE=_FP64_MAX if table.has_fp64 else _FP32_MAX, NORM=norm_kind,
+            HAS_INV=int(inv_scale is not None), CHUNK_SIZE=chunk, BLOCK_SIZE=BLOCK,
+        )
+    _tensor_finalize_kernel[(n,)](
+        chunk_scratch[:c], chunk_scratch[c:], table.chunk_begin, out, tensor_scratch[:n], tensor_scratch[n:],
+        inv_p, NORM=norm_kind, BLOCK_SIZE=FINALIZE_BLOCK,
+    )
+    _total_finalize_kernel[(1,)](
+        tensor_scratch[:n], tensor_scratch[n:], n, out[n:], found_inf, inv_p,
+        NORM=norm_kind, BLOCK_SIZE=TOTAL_BLOCK,
+    )
+    return out[:n], out[n], found_inf
