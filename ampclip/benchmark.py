@@ -347,14 +347,19 @@ def _check(name: str, prov: Provider, call, gs: GradSets, dtype: torch.dtype) ->
     if isinstance(returned, (tuple, list)):
         returned = returned[0]
     got = float(returned)
-    rtol = 1e-4 if dtype == torch.float32 else 1e-2  # torch's fp16/bf16 norms are rounded to the dtype
+    # torch's fp16/bf16 norms are rounded to the dtype, and its fp32 CPU norm of GPT-2-124M-sized tensors
+    # was 8.5e-4 off the fp64 value in our runs: the torch baselines get the tolerance torch needs (their
+    # error is recorded in the results), as does the reference backend, which sums with torch's kernels;
+    # the compiled and Triton backends get the tight one.
+    torch_baseline = prov.reference is not None or name.endswith("_reference")
+    rtol = (3e-3 if torch_baseline else 1e-4) if dtype == torch.float32 else 1e-2
     if not math.isfinite(got) or abs(got - expected) > rtol * expected:
         problems.append(f"returned norm {got:.7g}, fp64 norm {expected:.7g}")
     post = _norm64(gs.sets[k])
     if prov.scenario == "noclip":
         if not all(torch.equal(a, b) for a, b in zip(before, gs.sets[k])):
             problems.append("the gradients changed although no clipping was needed")
-    elif abs(post - bound) > (1e-3 if dtype == torch.float32 else 2e-2) * bound:
+    elif abs(post - bound) > ((3e-3 if torch_baseline else 1e-3) if dtype == torch.float32 else 2e-2) * bound:
         problems.append(f"post-clip norm {post:.7g}, bound {bound:.7g}")
     if ref_norm is not None:
         if not torch.equal(returned, ref_norm):
