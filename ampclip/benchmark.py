@@ -767,6 +767,16 @@ def _workload_label(r: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def write_docs(paths: list[Path], dest: str) -> None:
+    """The markdown of :func:`render_docs` to ``dest``, or to stdout for ``-``."""
+    text = render_docs(paths)
+    if dest == "-":
+        print(text)
+    else:
+        Path(dest).write_text(text)
+        print(f"wrote {dest}")
+
+
 def main(argv=None) -> int:
     """``python -m ampclip bench [options]``; also ``benchmarks/run.py``. Returns the exit status."""
     parser = argparse.ArgumentParser(prog="ampclip bench", description=__doc__.split("\n\n")[0])
@@ -804,12 +814,7 @@ def main(argv=None) -> int:
     if args.docs:
         if not args.results:
             parser.error("--docs needs results files")
-        text = render_docs([Path(p) for p in args.results])
-        if args.docs == "-":
-            print(text)
-        else:
-            Path(args.docs).write_text(text)
-            print(f"wrote {args.docs}")
+        write_docs([Path(p) for p in args.results], args.docs)
         return 0
     if args.results:
         parser.error("results files are only read with --docs")

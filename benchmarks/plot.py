@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from ampclip.benchmark import chart, render_docs
+from ampclip.benchmark import chart, write_docs
 
 
 def main(argv=None) -> int:
@@ -25,12 +25,7 @@ def main(argv=None) -> int:
             if png:
                 print(f"wrote {png}")
     if args.docs:
-        text = render_docs(paths)
-        if args.docs == "-":
-            print(text)
-        else:
-            Path(args.docs).write_text(text)
-            print(f"wrote {args.docs}")
+        write_docs(paths, args.docs)
     return 0
 
 

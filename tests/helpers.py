@@ -80,3 +80,28 @@ def put_nonfinite(grads, tensor_index, position, value):
     index = {"first": 0, "last": flat.numel() - 1, "tail": flat.numel() - 3}.get(position, position)
     flat[index] = value
     return index
+
+
+def run_two_processes(target, *args, timeout=300) -> dict:
+    """Runs ``target(rank, 2, port, *args, results)`` in two spawned processes (gloo on 127.0.0.1) and
+    returns ``results``, the dict the workers fill. A hung worker is killed, so the test fails instead of
+    hanging the suite."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    results = manager.dict()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(rank, 2, port, *args, results)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+        if p.is_alive():
+            p.kill()
+    assert sorted(results.keys()) == [0, 1], f"a worker failed (exit codes {[p.exitcode for p in procs]})"
+    return dict(results)

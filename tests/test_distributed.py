@@ -3,24 +3,17 @@ full batch; a non-finite gradient on one rank skips the step on every rank."""
 
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from ampclip import AMPTrainer
 from ampclip.models import random_batches
 from ampclip.train import build
+from helpers import run_two_processes
 
 STEPS = 4
 BATCH = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _PoisonableTrainer(AMPTrainer):
@@ -66,19 +59,7 @@ def _worker(rank, world_size, port, mode, poison_step, results):
 
 
 def _run(mode, poison_step=None):
-    manager = mp.Manager()
-    results = manager.dict()
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, mode, poison_step, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-        if p.is_alive():  # a hung worker fails the test instead of hanging the suite
-            p.kill()
-    assert sorted(results.keys()) == [0, 1], f"a worker failed (exit codes {[p.exitcode for p in procs]})"
-    return dict(results)
+    return run_two_processes(_worker, mode, poison_step)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ampclip import DynamicLossScaler
-from helpers import bitwise_equal
+from helpers import bitwise_equal, run_two_processes
 
 
 def tiny_model(seed=0, fused=None, optim="sgd"):
@@ -296,21 +296,5 @@ def _skip_worker(rank, world_size, port, results):
 
 
 def test_one_rank_with_inf_skips_the_step_on_every_rank():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    manager = mp.Manager()
-    results = manager.dict()
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_skip_worker, args=(r, 2, port, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        if p.is_alive():  # a hung worker fails the test instead of hanging the suite
-            p.kill()
-    assert dict(results) == {0: (1.0, True, 64.0), 1: (1.0, True, 64.0)}
+    results = run_two_processes(_skip_worker, timeout=120)
+    assert results == {0: (1.0, True, 64.0), 1: (1.0, True, 64.0)}
