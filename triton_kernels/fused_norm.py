@@ -72,6 +72,15 @@ def _chunk_partial(base, start, n, inv, p, ACC: tl.constexpr, MAX_FINITE: tl.con
 
 
 @triton.jit
+def _chunk_location(pid, t, table_ptrs, table_numels, table_codes, chunk_begin, CHUNK_SIZE: tl.constexpr):
+    """Where chunk ``pid`` of tensor ``t`` lies (tensor_table.py): its first element, its length, the
+    tensor's dtype code and data address."""
+    start = (pid - tl.load(chunk_begin + t)) * CHUNK_SIZE
+    n = tl.minimum(tl.load(table_numels + t) - start, CHUNK_SIZE).to(tl.int32)
+    return start, n, tl.load(table_codes + t), tl.load(table_ptrs + t)
+
+
+@triton.jit
 def _fused_norm_kernel(
     table_ptrs, table_numels, table_codes, chunk_begin, chunk_tensor, inv_scale_ptr, partial_out, flag_out, p,
     ACC: tl.constexpr, MAX_FINITE: tl.constexpr, NORM: tl.constexpr, HAS_INV: tl.constexpr,
@@ -79,10 +88,7 @@ def _fused_norm_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(chunk_tensor + pid)
-    start = (pid - tl.load(chunk_begin + t)) * CHUNK_SIZE
-    n = tl.minimum(tl.load(table_numels + t) - start, CHUNK_SIZE).to(tl.int32)
-    code = tl.load(table_codes + t)
-    addr = tl.load(table_ptrs + t)
+    start, n, code, addr = _chunk_location(pid, t, table_ptrs, table_numels, table_codes, chunk_begin, CHUNK_SIZE)
     inv = 1.0
     if HAS_INV:
         inv = tl.load(inv_scale_ptr).to(ACC)
@@ -125,27 +131,34 @@ def _root(acc, flag, inv_p, NORM: tl.constexpr):
 
 
 @triton.jit
-def _tensor_finalize_kernel(partials, flags, chunk_begin, norm_out, acc_out, flag_out, inv_p,
-                            NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    begin = tl.load(chunk_begin + t)
-    count = (tl.load(chunk_begin + t + 1) - begin).to(tl.int32)
+def _reduce_slots(values, flags, count, NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """(sum or max of values[0:count], max of flags[0:count]) in float64, in index order: the fixed
+    reduction both finalize kernels use."""
     acc = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
     flag = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
     offsets = tl.arange(0, BLOCK_SIZE)
-    for i in range(0, count, BLOCK_SIZE):  # zero-size tensor: no step, norm 0
+    for i in range(0, count, BLOCK_SIZE):
         mask = i + offsets < count
-        v = tl.load(partials + begin + i + offsets, mask=mask, other=0.0).to(tl.float64)
-        flag = tl.maximum(flag, tl.load(flags + begin + i + offsets, mask=mask, other=0.0).to(tl.float64))
+        v = tl.load(values + i + offsets, mask=mask, other=0.0).to(tl.float64)
+        flag = tl.maximum(flag, tl.load(flags + i + offsets, mask=mask, other=0.0).to(tl.float64))
         if NORM == 2:
             acc = tl.maximum(acc, v)
         else:
             acc += v
-    f = tl.max(flag, axis=0)
     if NORM == 2:
         total = tl.max(acc, axis=0)
     else:
         total = tl.sum(acc, axis=0)
+    return total, tl.max(flag, axis=0)
+
+
+@triton.jit
+def _tensor_finalize_kernel(partials, flags, chunk_begin, norm_out, acc_out, flag_out, inv_p,
+                            NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    begin = tl.load(chunk_begin + t)
+    count = (tl.load(chunk_begin + t + 1) - begin).to(tl.int32)  # zero-size tensor: no slot, norm 0
+    total, f = _reduce_slots(partials + begin, flags + begin, count, NORM, BLOCK_SIZE)
     norm = _root(total, f, inv_p, NORM)
     tl.store(norm_out + t, norm.to(norm_out.dtype.element_ty))
     tl.store(acc_out + t, total)
@@ -155,22 +168,7 @@ def _tensor_finalize_kernel(partials, flags, chunk_begin, norm_out, acc_out, fla
 @triton.jit
 def _total_finalize_kernel(accs, flags, num_tensors, total_out, found_out, inv_p,
                            NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    acc = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
-    flag = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
-    offsets = tl.arange(0, BLOCK_SIZE)
-    for i in range(0, num_tensors, BLOCK_SIZE):
-        mask = i + offsets < num_tensors
-        v = tl.load(accs + i + offsets, mask=mask, other=0.0)
-        flag = tl.maximum(flag, tl.load(flags + i + offsets, mask=mask, other=0.0))
-        if NORM == 2:
-            acc = tl.maximum(acc, v)
-        else:
-            acc += v
-    f = tl.max(flag, axis=0)
-    if NORM == 2:
-        total = tl.max(acc, axis=0)
-    else:
-        total = tl.sum(acc, axis=0)
+    total, f = _reduce_slots(accs, flags, num_tensors, NORM, BLOCK_SIZE)
     tl.store(total_out, _root(total, f, inv_p, NORM).to(total_out.dtype.element_ty))
     tl.store(found_out, tl.where(f > 0.0, 1.0, 0.0).to(tl.float32))
 

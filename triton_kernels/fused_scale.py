@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_norm import BLOCK
+from .fused_norm import BLOCK, _chunk_location
 from .tensor_table import CHUNK, tensor_table
 
 # Triton's interpreter (TRITON_INTERPRET=1, how CI runs these kernels on CPU) truncates float32 -> bfloat16
@@ -81,10 +81,8 @@ def _fused_scale_kernel(
         write = clean & (coef.to(tl.float64) != 1.0)  # * exactly 1 changes nothing: no read, no write
     zero = (found != 0.0) & (ZERO_IF_INF != 0)
     if write | zero:
-        start = (pid - tl.load(chunk_begin + t)) * CHUNK_SIZE
-        n = tl.minimum(tl.load(table_numels + t) - start, CHUNK_SIZE).to(tl.int32)
-        code = tl.load(table_codes + t)
-        addr = tl.load(table_ptrs + t)
+        start, n, code, addr = _chunk_location(pid, t, table_ptrs, table_numels, table_codes, chunk_begin,
+                                               CHUNK_SIZE)
         inv = 1.0
         if HAS_INV:
             inv = tl.load(inv_scale_ptr)
