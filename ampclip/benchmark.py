@@ -45,7 +45,7 @@ import torch
 
 from . import ops, reference
 from .functional import clip_grad_norm_
-from .shapes import gpt2_shapes
+from .shapes import gpt2_shapes, scaled
 
 __all__ = ["DTYPES", "PROVIDERS", "WORKLOADS", "Provider", "main", "render_docs", "run", "save"]
 
@@ -92,9 +92,7 @@ def _scaled_shapes(shapes: list[tuple], budget_elems: int, scale: int = 1) -> tu
     """Divide every tensor's leading dimension by one divisor (at least ``scale``) until the workload fits
     ``budget_elems``; the tensor count is kept. Returns (shapes, divisor)."""
     divisor = max(1, int(scale), math.ceil(_numel(shapes) / max(1, budget_elems)))
-    if divisor == 1:
-        return list(shapes), 1
-    return [(max(1, s[0] // divisor), *s[1:]) for s in shapes], divisor
+    return scaled(shapes, divisor), divisor
 
 
 # ------------------------------------------------------------------------------------------------ inputs

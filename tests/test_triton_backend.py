@@ -15,21 +15,13 @@ import torch
 
 from ampclip import ops, reference
 from ampclip import triton_kernels as tk
-from helpers import bitwise_equal, clone_all, exact_per_tensor, random_grads
+from helpers import DTYPE_MIXES, NORMS, bitwise_equal, clone_all, exact_per_tensor, random_grads
 
 pytestmark = pytest.mark.skipif(not ops.available_backends()["triton"], reason="triton backend unavailable")
 
 HAS_CUDA = torch.cuda.is_available()
 SMALL_CHUNK = 1024  # CPU tests: a 4097-element tensor is 5 programs, the last one holding 1 element
 SHAPES = [(1,), (3,), (4097,), (0,), (33, 17), (2, 3, 5), (5000,)]
-NORM_TYPES = [pytest.param(p, id=f"p{p}") for p in (2.0, 1.0, 3.0, math.inf)]
-DTYPES = [
-    pytest.param((torch.float32,), id="fp32"),
-    pytest.param((torch.float16,), id="fp16"),
-    pytest.param((torch.bfloat16,), id="bf16"),
-    pytest.param((torch.float64,), id="fp64"),
-    pytest.param((torch.float16, torch.bfloat16, torch.float32), id="mixed"),
-]
 
 
 def rtol_for(norm_type, dtypes):
@@ -55,8 +47,8 @@ def assert_norms(per_tensor, total, grads, norm_type, unscale, rtol):
 # ------------------------------------------------------------------------------------------------ norm pass
 
 
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
-@pytest.mark.parametrize("dtypes", DTYPES)
+@pytest.mark.parametrize("norm_type", NORMS)
+@pytest.mark.parametrize("dtypes", DTYPE_MIXES)
 @pytest.mark.parametrize("unscale", [None, 1 / 1024, 0.3], ids=["plain", "unscale_pow2", "unscale_0.3"])
 def test_norm_matches_fp64(norm_type, dtypes, unscale):
     grads = random_grads(SHAPES, dtypes, scale=3.0)
@@ -73,8 +65,8 @@ def test_norm_matches_fp64(norm_type, dtypes, unscale):
     assert_norms(per_tensor, total, grads, norm_type, unscale, rtol_for(norm_type, dtypes))
 
 
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
-@pytest.mark.parametrize("dtypes", DTYPES[:1] + DTYPES[-1:])
+@pytest.mark.parametrize("norm_type", NORMS)
+@pytest.mark.parametrize("dtypes", DTYPE_MIXES[:1] + DTYPE_MIXES[-1:])
 def test_norm_multi_chunk_matches_reference(norm_type, dtypes):
     grads = random_grads([(20000,), (4097,), (1,), (0,), (1025,)], dtypes)
     inv = torch.tensor(0.5)
@@ -107,7 +99,7 @@ def test_found_inf_is_exact(value, position, dtype, norm_type):
     assert math.isfinite(per_tensor[0].item()) and math.isfinite(per_tensor[2].item())
 
 
-@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("norm_type", NORMS)
 def test_finite_overflow_is_not_found_inf(norm_type):
     # 1e20^2 overflows fp32, but every value is finite: found_inf stays 0 (the check is per element)
     grads = [torch.full((100,), 1e20) * (1 + torch.rand(100)), torch.randn(10)]
@@ -184,7 +176,7 @@ def test_every_output_is_written_over_poisoned_scratch(monkeypatch):
 # ----------------------------------------------------------------------------------------------- scale pass
 
 
-@pytest.mark.parametrize("dtypes", DTYPES)
+@pytest.mark.parametrize("dtypes", DTYPE_MIXES)
 @pytest.mark.parametrize("clip_value", [None, 0.5, 0.1], ids=["noclamp", "clamp0.5", "clamp0.1"])
 @pytest.mark.parametrize("unscale", [None, 0.3], ids=["plain", "unscale"])
 @pytest.mark.parametrize("per_tensor_coef", [False, True], ids=["coef0d", "coef_per_tensor"])
