@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
@@ -80,7 +80,7 @@ class _FlatBuffers:
     """Flat-bucket mode: one contiguous gradient buffer per dtype, each .grad a view into it."""
 
     buffers: list[torch.Tensor]
-    views: list[torch.Tensor] = field(default_factory=list)
+    views: list[torch.Tensor]
 
 
 class FusedClipper:

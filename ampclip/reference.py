@@ -17,8 +17,6 @@ cannot drift apart.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 __all__ = [
@@ -112,7 +110,7 @@ def exact_norm(grads: list[torch.Tensor], norm_type: float, inv_scale: float | N
         flat = flat * inv_scale
     if flat.numel() == 0:
         return 0.0
-    return float(torch.linalg.vector_norm(flat, norm_type if not math.isinf(norm_type) else math.inf))
+    return float(torch.linalg.vector_norm(flat, norm_type))
 
 
 def torch_clip_grad_norm(grads: list[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
