@@ -12,9 +12,10 @@ import torch
 AVAILABLE = False
 HAS_CUDA = False
 ERROR: str | None = None
+_C = None
 
 try:
-    from . import _C  # noqa: F401  (registers the ampclip_C:: ops with the dispatcher)
+    from . import _C  # registers the ampclip_C:: ops with the dispatcher
 
     AVAILABLE = True
     HAS_CUDA = bool(torch.ops.ampclip_C.built_with_cuda())
@@ -38,3 +39,15 @@ def scale_pass(grads, coef, inv_scale, clip_value, found_inf, zero_if_inf):
 
 def clip_grad_norm(grads, max_norm, norm_type):
     return torch.ops.ampclip_C.clip_grad_norm_(grads, max_norm, norm_type)
+
+
+def clip_params(params, max_norm, norm_type):
+    """The drop-in clip straight from a list of parameters, or None when they need the general path.
+
+    Reads ``.grad`` in C++ and calls the CPU kernel without the dispatcher: on 2000 small gradients that
+    saves more time than the kernel takes. Returns None, having changed nothing, for anything but dense
+    CPU float gradients of plain Tensors or Parameters, and when no gradient exists.
+    """
+    if _C is None:
+        return None
+    return _C.clip_params(params, max_norm, norm_type)

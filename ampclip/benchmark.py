@@ -124,7 +124,7 @@ class GradSets:
         self.inv_scale = torch.full((), INV_SCALE, device=device)
         self.norm0 = [_norm64(g) for g in self.sets]
         self.norms = list(self.norm0)
-        self.holders = [reference._GradHolder.wrap(g) for g in self.sets]  # built once, outside timing
+        self.params = [reference.parameters_of(g) for g in self.sets]  # built once, outside timing
         self.mode = "unscale_clip"
         self.bound_factor = 1.0  # the check sets 0.5: a provider that skipped its write would then show
         self.calls = 0
@@ -179,21 +179,21 @@ class Provider:
 
 def _torch_clip(gs: GradSets):
     # reference.torch_clip_grad_norm minus its per-call wrapping of every gradient (1-15 ms on 10,000
-    # tensors, not torch's cost): the holders are built once. The check proves the two are bitwise equal.
+    # tensors, not torch's cost): the parameters are built once. The check proves the two are bitwise equal.
     def call():
         k, _, bound = gs.next()
-        return torch.nn.utils.clip_grad_norm_(gs.holders[k], bound, 2.0, foreach=True)
+        return torch.nn.utils.clip_grad_norm_(gs.params[k], bound, 2.0, foreach=True)
 
     return call
 
 
 def _torch_chain(gs: GradSets):
-    # reference.torch_unscale_and_clip (single dtype) with the holders built once; bitwise equal (checked).
+    # reference.torch_unscale_and_clip (single dtype) with the parameters built once; bitwise equal (checked).
     def call():
         k, grads, bound = gs.next()
         found_inf = torch.zeros((), dtype=torch.float32, device=gs.inv_scale.device)  # as GradScaler does
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, gs.inv_scale)
-        return torch.nn.utils.clip_grad_norm_(gs.holders[k], bound, 2.0, foreach=True)
+        return torch.nn.utils.clip_grad_norm_(gs.params[k], bound, 2.0, foreach=True)
 
     return call
 
@@ -215,7 +215,7 @@ def _torch_compile_chain(gs: GradSets):
 def _ampclip_dropin(gs: GradSets):
     def call():
         k, _, bound = gs.next()
-        return clip_grad_norm_(gs.holders[k], bound)  # no unscale: the drop-in takes what torch's takes
+        return clip_grad_norm_(gs.params[k], bound)  # no unscale: the drop-in takes what torch's takes
 
     return call
 

@@ -22,7 +22,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 
-from . import ops, reference
+from . import _extension, ops, reference
 
 __all__ = [
     "clip_grad_norm_",
@@ -211,7 +211,12 @@ def clip_grad_norm_(
     """
     bound = _checked_bound(max_norm, "max_norm")
     p = _checked_norm_type(norm_type)
-    grads = _grads_of(parameters)
+    params = _as_list(parameters, "parameters")
+    if not error_if_nonfinite and not torch.compiler.is_compiling():
+        total = _extension.clip_params(params, bound, p)
+        if total is not None:
+            return total
+    grads = _grads_of(params)
     if not grads:
         return torch.tensor(0.0)
     devices = _by_device(grads)

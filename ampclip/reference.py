@@ -115,20 +115,19 @@ def exact_norm(grads: list[torch.Tensor], norm_type: float, inv_scale: float | N
 
 def torch_clip_grad_norm(grads: list[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
     """torch's own ``clip_grad_norm_(foreach=True)`` on a list of gradients (the drop-in baseline)."""
-    return torch.nn.utils.clip_grad_norm_(_GradHolder.wrap(grads), max_norm, norm_type, foreach=True)
+    return torch.nn.utils.clip_grad_norm_(parameters_of(grads), max_norm, norm_type, foreach=True)
 
 
-class _GradHolder:
-    """Lets torch's parameter-based clip functions act on bare gradient tensors (``.grad`` is the tensor)."""
-
-    __slots__ = ("grad",)
-
-    def __init__(self, grad):
-        self.grad = grad
-
-    @classmethod
-    def wrap(cls, grads):
-        return [cls(g) for g in grads]
+def parameters_of(grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    """Parameters whose ``.grad`` are ``grads``, so the parameter-based clip functions (torch's and
+    ampclip's) act on bare gradient tensors as they would on a model's. A parameter's data is a zero-stride
+    view of one element: it costs no memory."""
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape))
+        p.grad = g
+        params.append(p)
+    return params
 
 
 def torch_unscale_and_clip(

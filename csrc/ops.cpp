@@ -3,7 +3,6 @@
 // makes them real dispatcher ops that torch.compile and opcheck can see. Device kernels are registered
 // with TORCH_LIBRARY_IMPL next to them: cpu/ always, cuda/ when built with a CUDA toolkit.
 
-#include <Python.h>
 #include <torch/library.h>
 
 namespace ampclip {
@@ -27,11 +26,3 @@ TORCH_LIBRARY(ampclip_C, m) {
 }
 
 }  // namespace ampclip
-
-// `import ampclip._C` loads this library, which runs the registrations above. It defines no Python API.
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}
-}

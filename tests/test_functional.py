@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ampclip
-from ampclip import reference
+from ampclip import _extension, ops, reference
 from helpers import DTYPE_MIXES, NORMS, ODD_SHAPES, bitwise_equal, random_grads, rel_close
 
 # torch keeps per-tensor norms in the gradient dtype, so its result carries that dtype's rounding.
@@ -247,6 +247,86 @@ def test_patch_torch_routes_calls_and_unpatch_restores():
     finally:
         ampclip.unpatch_torch()
     assert torch.nn.utils.clip_grad_norm_ is original
+
+
+needs_extension = pytest.mark.skipif(not _extension.AVAILABLE, reason="needs the compiled extension")
+
+
+@needs_extension
+@pytest.mark.parametrize("norm_type", NORMS)
+def test_fast_path_equals_the_dispatched_kernel_bit_for_bit(norm_type):
+    # The drop-in reads .grad in C++ and calls the kernel directly; it must equal the op through the
+    # dispatcher exactly: thousands of tiny gradients, mixed dtypes, strided views, zero-size, None grads.
+    shapes = [(3,), (1,), (0,), (5, 2)] * 600 + [(4097,), (33, 17)]
+    grads = random_grads(shapes, (torch.float32, torch.bfloat16, torch.float16, torch.float32),
+                         noncontiguous_every=7)
+    fast, dispatched = twin_params(grads, none_every=9)
+    exact = reference.exact_norm(grads, norm_type)
+    total = _extension.clip_params(fast, exact / 4, norm_type)
+    assert total is not None, "plain CPU Parameters must take the fast path"
+    want = ops.clip_grad_norm([p.grad for p in dispatched if p.grad is not None], exact / 4, norm_type)
+    assert bitwise_equal(total, want)
+    assert rel_close(total.item(), exact, 5e-5 if norm_type == 3.0 else 2e-6)
+    for a, b in zip(fast, dispatched):
+        assert (a.grad is None and b.grad is None) or bitwise_equal(a.grad, b.grad)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtypes", DTYPE_MIXES)
+def test_fused_coefficient_equals_the_two_step_path_bit_for_bit(dtypes):
+    # The fused clip computes min(1, max_norm / (norm + 1e-6)) in C++; get_total_norm followed by
+    # clip_grads_with_norm_ computes it with tensor ops. Same norm, same coefficient, same gradients.
+    grads = random_grads([(300,), (17, 5), (4097,)], dtypes)
+    exact = reference.exact_norm(grads, 2.0)
+    for i, fraction in enumerate((0.9999, 0.5, 1 / 3, 1e-3, 0.123456789)):
+        fused, two_step = twin_params([g * (1 + i / 7) for g in grads])
+        got = ampclip.clip_grad_norm_(fused, exact * fraction)
+        total = ampclip.get_total_norm([p.grad for p in two_step])
+        ampclip.clip_grads_with_norm_(two_step, exact * fraction, total)
+        assert bitwise_equal(got, total)
+        assert all(bitwise_equal(a.grad, b.grad) for a, b in zip(fused, two_step))
+
+
+@needs_extension
+def test_fast_path_above_a_million_elements_runs_without_the_gil_and_stays_correct():
+    grads = random_grads([(1 << 20,), (4097,), (3, 7)], (torch.float32, torch.bfloat16), noncontiguous_every=3)
+    exact = reference.exact_norm(grads, 2.0)
+    params = make_params(grads)
+    got = _extension.clip_params(params, exact / 2, 2.0)
+    assert got is not None and rel_close(got.item(), exact, 2e-6)
+    assert rel_close(reference.exact_norm([p.grad for p in params], 2.0), exact / 2, 5e-3)
+
+
+@needs_extension
+def test_fast_path_bumps_the_version_of_what_it_writes():
+    params = make_params(random_grads([(100,), (7, 3)]))
+    before = [p.grad._version for p in params]
+    ampclip.clip_grad_norm_(params, 1e9)  # coefficient 1: nothing written
+    assert [p.grad._version for p in params] == before
+    ampclip.clip_grad_norm_(params, 1e-3)
+    assert all(p.grad._version > v for p, v in zip(params, before))
+
+
+class _TaggedTensor(torch.Tensor):
+    """A tensor subclass (as DTensor or a quantised parameter is): its .grad may mean something else."""
+
+
+@needs_extension
+def test_fast_path_leaves_what_it_does_not_know_to_the_general_path():
+    plain = make_params(random_grads([(50,)]))[0]
+    before = plain.grad.clone()
+    subclass = torch.nn.Parameter(torch.randn(4).as_subclass(_TaggedTensor))
+    subclass.grad = torch.randn(4)
+    sparse = torch.nn.Parameter(torch.randn(4))
+    sparse.grad = torch.randn(4).to_sparse()
+    for other in (subclass, sparse):
+        assert _extension.clip_params([plain, other], 1e-3, 2.0) is None
+        assert bitwise_equal(plain.grad, before)  # nothing changed before the hand-over
+    assert _extension.clip_params([torch.nn.Parameter(torch.randn(3))], 1.0, 2.0) is None  # no gradient
+    exact = reference.exact_norm([plain.grad, subclass.grad], 2.0)
+    got = ampclip.clip_grad_norm_([plain, subclass], exact / 2)  # the general path gives the same result
+    assert rel_close(got.item(), exact, 2e-6)
+    assert rel_close(reference.exact_norm([plain.grad, subclass.grad], 2.0), exact / 2, 2e-6)
 
 
 def test_import_without_extension_warns_once_and_falls_back():

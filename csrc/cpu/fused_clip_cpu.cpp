@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "fused_clip_cpu.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -248,100 +250,6 @@ double reduce_any(const scalar_t* x, int64_t n, bool unscale, double inv, NormKi
   return partial;
 }
 
-void check_grads(at::TensorList grads, const char* op) {
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const auto& g = grads[i];
-    TORCH_CHECK(g.layout() == at::kStrided, op, ": gradient ", i, " is not dense (layout ", g.layout(), ")");
-    TORCH_CHECK(g.device().is_cpu(), op, ": gradient ", i, " is on ", g.device(), ", expected the CPU");
-    const auto t = g.scalar_type();
-    TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble, op,
-                ": gradient ", i, " has dtype ", t, "; expected float16, bfloat16, float32 or float64");
-  }
-}
-
-double read_scalar(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.numel() == 1, what, " must hold exactly one element, got ", t.numel());
-  TORCH_CHECK(t.device().is_cpu(), what, " must be on the CPU with CPU gradients, got ", t.device());
-  return t.item<double>();
-}
-
-std::vector<WorkItem> make_work(const std::vector<at::Tensor>& src, const std::vector<bool>& skip) {
-  std::vector<WorkItem> items;
-  for (int64_t t = 0; t < static_cast<int64_t>(src.size()); ++t) {
-    if (!skip.empty() && skip[t]) continue;
-    const int64_t n = src[t].numel();
-    for (int64_t b = 0; b < n; b += kChunk) items.push_back({t, b, std::min(n, b + kChunk)});
-  }
-  return items;
-}
-
-double finish_norm(double acc, NormKind kind, double p) {
-  switch (kind) {
-    case NormKind::kL2: return std::sqrt(acc);
-    case NormKind::kL1:
-    case NormKind::kInf: return acc;
-    default: return std::pow(acc, 1.0 / p);
-  }
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_pass_cpu(at::TensorList grads,
-                                                             const std::optional<at::Tensor>& inv_scale,
-                                                             double norm_type) {
-  check_grads(grads, "ampclip norm_pass");
-  TORCH_CHECK(norm_type > 0.0, "ampclip norm_pass: norm_type must be > 0 or inf, got ", norm_type);
-  const NormKind kind = std::isinf(norm_type) ? NormKind::kInf
-                        : norm_type == 2.0    ? NormKind::kL2
-                        : norm_type == 1.0    ? NormKind::kL1
-                                              : NormKind::kP;
-  const double inv = inv_scale.has_value() ? read_scalar(*inv_scale, "inv_scale") : 1.0;
-
-  bool any_double = false;
-  std::vector<at::Tensor> src;
-  src.reserve(grads.size());
-  for (const auto& g : grads) {
-    any_double |= g.scalar_type() == at::kDouble;
-    src.push_back(g.contiguous());  // a no-op for contiguous gradients; a copy for strided views
-  }
-  const auto items = make_work(src, {});
-  std::vector<double> partial(items.size());
-  std::vector<uint8_t> chunk_nonfinite(items.size(), 0);
-
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const auto& item = items[i];
-      const auto& t = src[item.tensor];
-      bool nonfinite = false;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "ampclip_norm_pass_cpu", [&] {
-        partial[i] = reduce_any<scalar_t>(t.const_data_ptr<scalar_t>() + item.begin, item.end - item.begin,
-                                          inv_scale.has_value(), inv, kind, norm_type, nonfinite);
-      });
-      chunk_nonfinite[i] = nonfinite;
-    }
-  });
-
-  // Fixed-order reduction: chunks into tensors, tensors into the total.
-  const int64_t num_tensors = static_cast<int64_t>(src.size());
-  std::vector<double> per_tensor(num_tensors, 0.0);
-  bool found = false;
-  for (size_t i = 0; i < items.size(); ++i) {
-    auto& acc = per_tensor[items[i].tensor];
-    acc = kind == NormKind::kInf ? nan_max(acc, partial[i]) : acc + partial[i];
-    found |= chunk_nonfinite[i] != 0;
-  }
-  double total = 0.0;
-  for (double acc : per_tensor) total = kind == NormKind::kInf ? nan_max(total, acc) : total + acc;
-
-  const auto options = at::TensorOptions().dtype(any_double ? at::kDouble : at::kFloat);
-  auto norms = at::empty({num_tensors}, options);
-  AT_DISPATCH_FLOATING_TYPES(norms.scalar_type(), "ampclip_norm_pass_out", [&] {
-    auto* out = norms.mutable_data_ptr<scalar_t>();
-    for (int64_t t = 0; t < num_tensors; ++t) out[t] = static_cast<scalar_t>(finish_norm(per_tensor[t], kind, norm_type));
-  });
-  auto total_norm = at::full({}, finish_norm(total, kind, norm_type), options);
-  auto found_inf = at::full({}, found ? 1.0 : 0.0, at::TensorOptions().dtype(at::kFloat));
-  return {norms, total_norm, found_inf};
-}
-
 // x <- x * inv * coef for floats, over four interleaved streams like reduce_streams: more reads in flight
 // (one 124M-element pass on this 2-core Xeon: 28.5 ms with one stream, 22.1 ms with four; torch mul_ 21.6 ms).
 inline void scale_floats(float* x, int64_t n, float inv, float coef) {
@@ -397,6 +305,173 @@ void scale_chunk(scalar_t* x, int64_t n, double inv, bool has_clip, double clip,
   }
 }
 
+
+double finish_norm(double acc, NormKind kind, double p) {
+  switch (kind) {
+    case NormKind::kL2: return std::sqrt(acc);
+    case NormKind::kL1:
+    case NormKind::kInf: return acc;
+    default: return std::pow(acc, 1.0 / p);
+  }
+}
+
+NormKind norm_kind(double norm_type) {
+  TORCH_CHECK(norm_type > 0.0, "ampclip: norm_type must be > 0 or inf, got ", norm_type);
+  return std::isinf(norm_type) ? NormKind::kInf
+         : norm_type == 2.0    ? NormKind::kL2
+         : norm_type == 1.0    ? NormKind::kL1
+                               : NormKind::kP;
+}
+
+// Work items of at most kChunk elements, gradient by gradient; `skip` (when given) leaves gradients out.
+std::vector<WorkItem> make_work(const std::vector<GradSpan>& spans, const std::vector<uint8_t>* skip) {
+  std::vector<WorkItem> items;
+  items.reserve(spans.size());
+  for (int64_t t = 0; t < static_cast<int64_t>(spans.size()); ++t) {
+    if (skip != nullptr && (*skip)[t]) continue;
+    const int64_t n = spans[t].numel;
+    for (int64_t b = 0; b < n; b += kChunk) items.push_back({t, b, std::min(n, b + kChunk)});
+  }
+  return items;
+}
+
+// Small gradients each sit in their own allocation, so each of their work items starts with a cache miss
+// that the loop cannot overlap with the work before it; fetching the item kPrefetchAhead places ahead hides
+// it (2000 gradients of 512 floats with cold caches: the norm pass went from about 420 to 350 us).
+constexpr int64_t kPrefetchAhead = 8;
+
+template <int kForWrite>
+inline void prefetch_ahead(const std::vector<GradSpan>& spans, const std::vector<WorkItem>& items, int64_t i,
+                           int64_t hi) {
+  if (i + kPrefetchAhead >= hi) return;
+  const auto& ahead = items[i + kPrefetchAhead];
+  const auto& span = spans[ahead.tensor];
+  __builtin_prefetch(static_cast<const char*>(span.data) + ahead.begin * span.itemsize, kForWrite);
+}
+
+struct Reduction {
+  std::vector<double> per_tensor;  // before finish_norm: sums of |g|^p, or max |g|
+  double total = 0.0;
+  bool found_inf = false;
+};
+
+// The norm pass proper: one read of every gradient, partials per chunk, then a fixed-order reduction of
+// chunks into gradients and gradients into the total.
+Reduction reduce(const CpuGrads& grads, bool unscale, double inv, NormKind kind, double p) {
+  const auto& spans = grads.spans;
+  const auto items = make_work(spans, nullptr);
+  std::vector<double> partial(items.size());
+  std::vector<uint8_t> chunk_nonfinite(items.size(), 0);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      prefetch_ahead<0>(spans, items, i, hi);
+      const auto& item = items[i];
+      const auto& span = spans[item.tensor];
+      bool nonfinite = false;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, span.dtype, "ampclip_norm_pass_cpu", [&] {
+        partial[i] = reduce_any<scalar_t>(static_cast<const scalar_t*>(span.data) + item.begin,
+                                          item.end - item.begin, unscale, inv, kind, p, nonfinite);
+      });
+      chunk_nonfinite[i] = nonfinite;
+    }
+  });
+  Reduction out;
+  out.per_tensor.assign(spans.size(), 0.0);
+  for (size_t i = 0; i < items.size(); ++i) {
+    auto& acc = out.per_tensor[items[i].tensor];
+    acc = kind == NormKind::kInf ? nan_max(acc, partial[i]) : acc + partial[i];
+    out.found_inf |= chunk_nonfinite[i] != 0;
+  }
+  for (double acc : out.per_tensor) out.total = kind == NormKind::kInf ? nan_max(out.total, acc) : out.total + acc;
+  return out;
+}
+
+at::TensorOptions norm_options(const CpuGrads& grads) {
+  return at::TensorOptions().dtype(grads.any_double ? at::kDouble : at::kFloat);
+}
+
+// The scale pass proper: g <- clamp(g * inv, -clip, clip) * coef, coefs holding one value or one per
+// gradient. Multiplying by exactly 1 with no unscale and no clamp changes nothing: those gradients are not
+// read or written.
+void scale(CpuGrads& grads, const std::vector<double>& coefs, bool unscale, double inv,
+           std::optional<double> clip_value) {
+  const auto& spans = grads.spans;
+  const int64_t num_tensors = static_cast<int64_t>(spans.size());
+  const auto coef_of = [&](int64_t t) { return coefs[coefs.size() == 1 ? 0 : t]; };
+  std::vector<uint8_t> skip(num_tensors);
+  bool any_written = false;
+  for (int64_t t = 0; t < num_tensors; ++t) {
+    skip[t] = !unscale && !clip_value.has_value() && coef_of(t) == 1.0;
+    any_written |= !skip[t];
+  }
+  if (!any_written) return;
+  const auto items = make_work(spans, &skip);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      prefetch_ahead<1>(spans, items, i, hi);
+      const auto& item = items[i];
+      const auto& span = spans[item.tensor];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, span.dtype, "ampclip_scale_pass_cpu", [&] {
+        scale_chunk<scalar_t>(static_cast<scalar_t*>(span.data) + item.begin, item.end - item.begin,
+                              unscale ? inv : 1.0, clip_value.has_value(), clip_value.value_or(0.0),
+                              coef_of(item.tensor));
+      });
+    }
+  });
+  for (int64_t t = 0; t < num_tensors; ++t) {
+    // Written through its data pointer: bump the version counter, as torch's in-place mul_ would.
+    if (!skip[t] && !spans[t].impl->is_inference()) spans[t].impl->bump_version();
+  }
+  for (auto& [index, grad, copy] : grads.strided) {
+    if (!skip[index]) grad.copy_(copy);
+  }
+}
+
+void check_grads(at::TensorList grads, const char* op) {
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const auto& g = grads[i];
+    TORCH_CHECK(g.layout() == at::kStrided, op, ": gradient ", i, " is not dense (layout ", g.layout(), ")");
+    TORCH_CHECK(g.device().is_cpu(), op, ": gradient ", i, " is on ", g.device(), ", expected the CPU");
+    const auto t = g.scalar_type();
+    TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble, op,
+                ": gradient ", i, " has dtype ", t, "; expected float16, bfloat16, float32 or float64");
+  }
+}
+
+CpuGrads gather(at::TensorList grads, bool writable) {
+  CpuGrads out;
+  out.spans.reserve(grads.size());
+  for (const auto& g : grads) out.add(g, writable);
+  return out;
+}
+
+double read_scalar(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.numel() == 1, what, " must hold exactly one element, got ", t.numel());
+  TORCH_CHECK(t.device().is_cpu(), what, " must be on the CPU with CPU gradients, got ", t.device());
+  return t.item<double>();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_pass_cpu(at::TensorList grads,
+                                                             const std::optional<at::Tensor>& inv_scale,
+                                                             double norm_type) {
+  check_grads(grads, "ampclip norm_pass");
+  const NormKind kind = norm_kind(norm_type);
+  const double inv = inv_scale.has_value() ? read_scalar(*inv_scale, "inv_scale") : 1.0;
+  const auto gathered = gather(grads, /*writable=*/false);
+  const auto sums = reduce(gathered, inv_scale.has_value(), inv, kind, norm_type);
+
+  const auto options = norm_options(gathered);
+  const int64_t num_tensors = static_cast<int64_t>(grads.size());
+  auto norms = at::empty({num_tensors}, options);
+  AT_DISPATCH_FLOATING_TYPES(norms.scalar_type(), "ampclip_norm_pass_out", [&] {
+    auto* out = norms.mutable_data_ptr<scalar_t>();
+    for (int64_t t = 0; t < num_tensors; ++t) out[t] = static_cast<scalar_t>(finish_norm(sums.per_tensor[t], kind, norm_type));
+  });
+  auto total_norm = at::full({}, finish_norm(sums.total, kind, norm_type), options);
+  auto found_inf = at::full({}, sums.found_inf ? 1.0 : 0.0, at::TensorOptions().dtype(at::kFloat));
+  return {norms, total_norm, found_inf};
+}
+
 void scale_pass_cpu(at::TensorList grads, const at::Tensor& coef, const std::optional<at::Tensor>& inv_scale,
                     std::optional<double> clip_value, const std::optional<at::Tensor>& found_inf, bool zero_if_inf) {
   check_grads(grads, "ampclip scale_pass");
@@ -413,55 +488,60 @@ void scale_pass_cpu(at::TensorList grads, const at::Tensor& coef, const std::opt
     }
     return;
   }
-  const bool has_inv = inv_scale.has_value();
-  const double inv = has_inv ? read_scalar(*inv_scale, "inv_scale") : 1.0;
-  const bool has_clip = clip_value.has_value();
+  const double inv = inv_scale.has_value() ? read_scalar(*inv_scale, "inv_scale") : 1.0;
   const auto coef_host = coef.to(at::kDouble).contiguous().reshape({-1});
-  const double* coefs = coef_host.const_data_ptr<double>();
-
-  std::vector<at::Tensor> dst;
-  std::vector<bool> skip(num_tensors, false);
-  std::vector<double> tensor_coef(num_tensors);
-  dst.reserve(num_tensors);
-  for (int64_t t = 0; t < num_tensors; ++t) {
-    tensor_coef[t] = coefs[coef.numel() == 1 ? 0 : t];
-    // Multiplying by exactly 1 with no unscale and no clamp changes nothing: skip the read and the write.
-    skip[t] = !has_inv && !has_clip && tensor_coef[t] == 1.0;
-    dst.push_back(grads[t].is_contiguous() || skip[t] ? grads[t] : grads[t].contiguous());
-  }
-  const auto items = make_work(dst, skip);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const auto& item = items[i];
-      auto& t = dst[item.tensor];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "ampclip_scale_pass_cpu", [&] {
-        scale_chunk<scalar_t>(t.mutable_data_ptr<scalar_t>() + item.begin, item.end - item.begin, inv, has_clip,
-                              has_clip ? *clip_value : 0.0, tensor_coef[item.tensor]);
-      });
-    }
-  });
-  for (int64_t t = 0; t < num_tensors; ++t) {
-    if (!skip[t] && !dst[t].is_same(grads[t])) const_cast<at::Tensor&>(grads[t]).copy_(dst[t]);
-  }
+  const double* coef_data = coef_host.const_data_ptr<double>();
+  const std::vector<double> coefs(coef_data, coef_data + coef_host.numel());
+  auto gathered = gather(grads, /*writable=*/true);
+  scale(gathered, coefs, inv_scale.has_value(), inv, clip_value);
 }
 
-// The whole drop-in clip in one call: norm pass, coefficient, scale pass. Crossing from Python into C++
-// costs about 0.15 us per tensor in the argument conversion alone; one crossing instead of two is the
-// difference on thousands of small gradients. The coefficient is computed with the same tensor ops as
-// the Python path (torch's `max_norm / t` is `t.reciprocal() * max_norm`), so the two agree bit for bit.
-at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm, double norm_type) {
-  auto total = std::get<1>(norm_pass_cpu(grads, std::nullopt, norm_type));
-  const auto coef = total.add(kEps).reciprocal().mul(max_norm).clamp_max(1.0);
-  scale_pass_cpu(grads, coef, std::nullopt, std::nullopt, std::nullopt, false);
-  return total;
+at::Tensor clip_grad_norm_dispatched(at::TensorList grads, double max_norm, double norm_type) {
+  check_grads(grads, "ampclip clip_grad_norm_");
+  auto gathered = gather(grads, /*writable=*/true);
+  return clip_grad_norm_cpu(gathered, max_norm, norm_type);
 }
 
 }  // namespace
 
+void CpuGrads::add(const at::Tensor& grad, bool writable) {
+  any_double |= grad.scalar_type() == at::kDouble;
+  const at::Tensor* dense = &grad;
+  if (!grad.is_contiguous()) {  // rare: read (and write back) a contiguous copy
+    strided.push_back({static_cast<int64_t>(spans.size()), grad, grad.contiguous()});
+    dense = &std::get<2>(strided.back());
+  }
+  // const_data_ptr for a read-only pass: it does not materialise a copy-on-write storage.
+  void* data = writable ? dense->mutable_data_ptr() : const_cast<void*>(dense->const_data_ptr());
+  spans.push_back({data, grad.numel(), grad.scalar_type(), static_cast<int32_t>(grad.element_size()),
+                   grad.unsafeGetTensorImpl()});
+}
+
+// min(1, max_norm / (total + 1e-6)) in the dtype of the norm, rounded as the tensor ops of ops.clip_coef
+// round it (`max_norm / t` is `t.reciprocal() * max_norm`, the scalars cast to the tensor's dtype), so the
+// fused clip and the Python path agree bit for bit. Plain arithmetic instead of four tensor ops saves about
+// 50 us a call when the caches are cold.
+template <typename T>
+double clip_coefficient(double total, double max_norm) {
+  const T coef = (T(1) / (static_cast<T>(total) + static_cast<T>(kEps))) * static_cast<T>(max_norm);
+  return std::isnan(coef) ? coef : std::min(coef, T(1));  // clamp_max keeps a NaN
+}
+
+// The whole drop-in clip in one call: norm pass, coefficient, scale pass.
+at::Tensor clip_grad_norm_cpu(CpuGrads& grads, double max_norm, double norm_type) {
+  const NormKind kind = norm_kind(norm_type);
+  const auto sums = reduce(grads, /*unscale=*/false, 1.0, kind, norm_type);
+  const double norm = finish_norm(sums.total, kind, norm_type);
+  const double coef = grads.any_double ? clip_coefficient<double>(norm, max_norm)
+                                       : clip_coefficient<float>(static_cast<float>(norm), max_norm);
+  scale(grads, {coef}, /*unscale=*/false, 1.0, std::nullopt);
+  return at::scalar_tensor(norm, norm_options(grads));
+}
+
 TORCH_LIBRARY_IMPL(ampclip_C, CPU, m) {
   m.impl("norm_pass", &norm_pass_cpu);
   m.impl("scale_pass", &scale_pass_cpu);
-  m.impl("clip_grad_norm_", &clip_grad_norm_cpu);
+  m.impl("clip_grad_norm_", &clip_grad_norm_dispatched);
 }
 
 }  // namespace ampclip

@@ -1,0 +1,39 @@
+// The CPU kernels' view of a list of gradients, and the entry that is called from C++ outside the
+// dispatcher (csrc/python_entry.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+namespace ampclip {
+
+// One gradient as the kernels see it: a dense run of elements. Gathered once per call, so that each pass
+// walks a flat array instead of the tensors' metadata (on thousands of small gradients that walk, not the
+// arithmetic, is the cost).
+struct GradSpan {
+  void* data;
+  int64_t numel;
+  at::ScalarType dtype;
+  int32_t itemsize;
+  c10::TensorImpl* impl;  // the gradient's own, for its version counter
+};
+
+// Dense CPU float16/bfloat16/float32/float64 gradients (the caller checks) that outlive this object.
+struct CpuGrads {
+  std::vector<GradSpan> spans;
+  // (index, gradient, contiguous copy) of non-contiguous gradients: read from the copy, written back.
+  std::vector<std::tuple<int64_t, at::Tensor, at::Tensor>> strided;
+  bool any_double = false;
+
+  // writable: the data pointer is taken for writing (a copy-on-write storage is materialised).
+  void add(const at::Tensor& grad, bool writable);
+};
+
+// Clips the gradients in place to a total norm of max_norm (coefficient min(1, max_norm / (norm + 1e-6)))
+// and returns the pre-clip norm: 0-d, float32, or float64 when a gradient is float64.
+at::Tensor clip_grad_norm_cpu(CpuGrads& grads, double max_norm, double norm_type);
+
+}  // namespace ampclip
