@@ -29,12 +29,16 @@ except Exception as exc:  # ImportError, or an undefined symbol from a build aga
     )
 
 
+# Eager calls go straight into the kernels (see csrc/python_entry.cpp); the entries return None when the
+# call needs the dispatcher (tensor subclasses, fake tensors, dispatch modes), which the registered op handles.
 def norm_pass(grads, inv_scale, norm_type):
-    return torch.ops.ampclip_C.norm_pass(grads, inv_scale, norm_type)
+    out = _C.norm_pass(grads, inv_scale, norm_type)
+    return out if out is not None else torch.ops.ampclip_C.norm_pass(grads, inv_scale, norm_type)
 
 
 def scale_pass(grads, coef, inv_scale, clip_value, found_inf, zero_if_inf):
-    torch.ops.ampclip_C.scale_pass(grads, coef, inv_scale, clip_value, found_inf, zero_if_inf)
+    if _C.scale_pass(grads, coef, inv_scale, clip_value, found_inf, zero_if_inf) is None:
+        torch.ops.ampclip_C.scale_pass(grads, coef, inv_scale, clip_value, found_inf, zero_if_inf)
 
 
 def clip_grad_norm(grads, max_norm, norm_type):

@@ -1,14 +1,17 @@
-// The Python module ampclip._C: importing it runs the op registrations of the other files, and it has one
-// function of its own, the drop-in clip_grad_norm_'s fast path.
+// The Python module ampclip._C: importing it runs the op registrations of the other files, and it has the
+// eager entry points of the CPU kernels.
 //
 // A clip of 2000 small gradients spends more time getting to the kernel than in it: reading `p.grad` in
 // Python costs about 0.1 us a parameter and the dispatcher's boxed Tensor[] conversion about 0.15 us a
-// tensor. Here the parameters are read in C++ and the kernel is called directly.
+// tensor. Here the lists are read in C++ and the kernels are called directly. Each entry returns None,
+// having changed nothing, when the call needs the dispatcher after all (tensor subclasses, tensors with a
+// Python dispatch key, an active TorchDispatchMode): the caller then calls the registered op.
 
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include <vector>
 
@@ -20,6 +23,84 @@ namespace {
 // Clips of at least this many elements (about 1 ms on one core) let other Python threads, a data loader's
 // for one, run meanwhile. Below it, taking a reference to every gradient would cost more than it frees.
 constexpr int64_t kReleaseGilFrom = 1 << 20;
+
+// A plain tensor: Tensor or Parameter, with no Python dispatch key (a tensor subclass or a fake tensor).
+bool is_plain(PyObject* obj) {
+  return THPVariable_CheckExact(obj) && !THPVariable_Unpack(obj).key_set().has(c10::DispatchKey::Python);
+}
+
+// None -> nullopt, a plain tensor -> it; false for anything else (the dispatcher gives the error).
+bool optional_tensor(PyObject* obj, std::optional<at::Tensor>& out) {
+  if (obj == Py_None) return true;
+  if (!is_plain(obj)) return false;
+  out = THPVariable_Unpack(obj);
+  return true;
+}
+
+// The tensors of a list or tuple, checked and gathered; false when one needs the dispatcher.
+bool gather_list(PyObject* seq, bool writable, const char* op, CpuGrads& out) {
+  if (!PyList_Check(seq) && !PyTuple_Check(seq)) return false;
+  const Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  out.spans.reserve(count);
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    if (!is_plain(items[i])) return false;
+  }
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    const at::Tensor& grad = THPVariable_Unpack(items[i]);
+    check_grad(grad, static_cast<size_t>(i), op);
+    out.add(grad, writable);
+  }
+  return true;
+}
+
+// norm_pass(grads, inv_scale, norm_type) -> (per_tensor_norms, total_norm, found_inf) | None
+PyObject* norm_pass(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 3) {
+    PyErr_SetString(PyExc_TypeError, "norm_pass(grads, inv_scale, norm_type) takes 3 arguments");
+    return nullptr;
+  }
+  const double norm_type = PyFloat_AsDouble(args[2]);
+  if (PyErr_Occurred()) return nullptr;
+  std::optional<at::Tensor> inv_scale;
+  CpuGrads grads;
+  if (c10::impl::TorchDispatchModeTLS::any_modes_set() || !optional_tensor(args[1], inv_scale) ||
+      !gather_list(args[0], /*writable=*/false, "ampclip norm_pass", grads)) {
+    Py_RETURN_NONE;
+  }
+  auto [norms, total, found_inf] = norm_pass_cpu(grads, inv_scale, norm_type);
+  return PyTuple_Pack(3, THPVariable_Wrap(std::move(norms)), THPVariable_Wrap(std::move(total)),
+                      THPVariable_Wrap(std::move(found_inf)));
+  END_HANDLE_TH_ERRORS
+}
+
+// scale_pass(grads, coef, inv_scale, clip_value, found_inf, zero_if_inf) -> True | None
+PyObject* scale_pass(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 6) {
+    PyErr_SetString(PyExc_TypeError,
+                    "scale_pass(grads, coef, inv_scale, clip_value, found_inf, zero_if_inf) takes 6 arguments");
+    return nullptr;
+  }
+  std::optional<double> clip_value;
+  if (args[3] != Py_None) {
+    clip_value = PyFloat_AsDouble(args[3]);
+    if (PyErr_Occurred()) return nullptr;
+  }
+  const int zero_if_inf = PyObject_IsTrue(args[5]);
+  if (zero_if_inf < 0) return nullptr;
+  std::optional<at::Tensor> coef, inv_scale, found_inf;
+  CpuGrads grads;
+  if (c10::impl::TorchDispatchModeTLS::any_modes_set() || args[1] == Py_None || !optional_tensor(args[1], coef) ||
+      !optional_tensor(args[2], inv_scale) || !optional_tensor(args[4], found_inf) ||
+      !gather_list(args[0], /*writable=*/true, "ampclip scale_pass", grads)) {
+    Py_RETURN_NONE;
+  }
+  scale_pass_cpu(grads, *coef, inv_scale, clip_value, found_inf, zero_if_inf != 0);
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
 
 // clip_params(params: list | tuple, max_norm: float, norm_type: float) -> Tensor | None
 //
@@ -41,13 +122,14 @@ PyObject* clip_params(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
   const double max_norm = PyFloat_AsDouble(args[1]);
   const double norm_type = PyFloat_AsDouble(args[2]);
   if (PyErr_Occurred()) return nullptr;
+  if (c10::impl::TorchDispatchModeTLS::any_modes_set()) Py_RETURN_NONE;
 
   const Py_ssize_t count = PySequence_Fast_GET_SIZE(args[0]);
   PyObject** items = PySequence_Fast_ITEMS(args[0]);
   CpuGrads grads;
   grads.spans.reserve(count);
   for (Py_ssize_t i = 0; i < count; ++i) {
-    if (!THPVariable_CheckExact(items[i])) Py_RETURN_NONE;
+    if (!THPVariable_CheckExact(items[i])) Py_RETURN_NONE;  // a subclass's .grad may mean something else
     const at::Tensor& grad = THPVariable_Unpack(items[i]).grad();
     if (!grad.defined()) continue;
     const auto dtype = grad.scalar_type();
@@ -80,6 +162,10 @@ PyObject* clip_params(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
 }
 
 PyMethodDef methods[] = {
+    {"norm_pass", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(norm_pass)), METH_FASTCALL,
+     "ampclip_C::norm_pass without the dispatcher; None when the call needs it."},
+    {"scale_pass", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(scale_pass)), METH_FASTCALL,
+     "ampclip_C::scale_pass without the dispatcher; None when the call needs it."},
     {"clip_params", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(clip_params)), METH_FASTCALL,
      "Fast path of ampclip.clip_grad_norm_ for CPU gradients; None when the input needs the general path."},
     {nullptr, nullptr, 0, nullptr},

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import ampclip
 from ampclip import ops, reference
 from helpers import (
     DTYPE_MIXES,
@@ -187,6 +188,58 @@ def test_cpp_rejects_bad_input_before_writing():
     with pytest.raises(RuntimeError, match="not dense|SparseCPU"):
         ops.scale_pass([good, torch.randn(3).to_sparse()], torch.tensor(0.5), backend="cpp")
     assert bitwise_equal(good, before)
+
+
+needs_cpp = pytest.mark.skipif(not ops.available_backends()["cpp"], reason="no _C")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtypes", DTYPE_MIXES)
+@pytest.mark.parametrize("norm_type", NORMS)
+def test_cpp_direct_entries_equal_the_dispatched_ops_bit_for_bit(dtypes, norm_type):
+    # Eager cpp calls skip the dispatcher (ampclip._C.norm_pass / scale_pass); they must equal the
+    # registered ops exactly, per-tensor coefficients, unscale and clamp included.
+    from ampclip import _C
+
+    grads = random_grads(ODD_SHAPES * 3, dtypes, scale=2.0, noncontiguous_every=4)
+    twin = clone_all(grads)
+    inv = torch.tensor(0.5)
+    direct = _C.norm_pass(grads, inv, norm_type)
+    dispatched = torch.ops.ampclip_C.norm_pass(twin, inv, norm_type)
+    assert direct is not None and all(bitwise_equal(a, b) for a, b in zip(direct, dispatched))
+    coef = torch.rand(len(grads), dtype=direct[0].dtype) + 0.1
+    found_inf = torch.tensor(0.0)
+    assert _C.scale_pass(grads, coef, inv, 0.75, found_inf, False) is True
+    torch.ops.ampclip_C.scale_pass(twin, coef, inv, 0.75, found_inf, False)
+    assert all(bitwise_equal(a, b) for a, b in zip(grads, twin))
+
+
+@needs_cpp
+def test_cpp_calls_under_a_dispatch_mode_go_through_the_dispatcher():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    grads = random_grads([(300,), (7, 3)])
+    want = reference.exact_norm(grads, 2.0)
+    with Recorder() as recorder:
+        total = ops.norm_pass(grads, None, 2.0, backend="cpp")[1]
+        ops.scale_pass(grads, torch.tensor(0.5), backend="cpp")
+    assert any("ampclip_C.norm_pass" in op for op in recorder.ops)
+    assert any("ampclip_C.scale_pass" in op for op in recorder.ops)
+    assert rel_close(total.item(), want, 1e-6)
+    assert rel_close(reference.exact_norm(grads, 2.0), want / 2, 1e-6)
+    with Recorder() as recorder:  # the drop-in's own fast path steps aside too
+        ampclip.clip_grad_norm_(reference.parameters_of(grads), want / 4)
+    assert any("ampclip_C" in op for op in recorder.ops)
+    assert rel_close(reference.exact_norm(grads, 2.0), want / 4, 1e-5)
 
 
 def test_unknown_backend_is_a_clear_error():

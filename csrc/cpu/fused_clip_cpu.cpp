@@ -427,15 +427,24 @@ void scale(CpuGrads& grads, const std::vector<double>& coefs, bool unscale, doub
   }
 }
 
-void check_grads(at::TensorList grads, const char* op) {
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const auto& g = grads[i];
-    TORCH_CHECK(g.layout() == at::kStrided, op, ": gradient ", i, " is not dense (layout ", g.layout(), ")");
-    TORCH_CHECK(g.device().is_cpu(), op, ": gradient ", i, " is on ", g.device(), ", expected the CPU");
-    const auto t = g.scalar_type();
-    TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble, op,
-                ": gradient ", i, " has dtype ", t, "; expected float16, bfloat16, float32 or float64");
+// Zeroes every gradient (the found_inf case of scale_pass with zero_if_inf). All-zero bits are +0.0 in
+// every float format.
+void zero_all(CpuGrads& grads) {
+  std::vector<uint8_t> is_strided(grads.spans.size(), 0);
+  for (auto& [index, grad, copy] : grads.strided) {
+    grad.zero_();
+    is_strided[index] = 1;
   }
+  for (size_t t = 0; t < grads.spans.size(); ++t) {
+    const auto& span = grads.spans[t];
+    if (is_strided[t] || span.numel == 0) continue;
+    std::memset(span.data, 0, static_cast<size_t>(span.numel) * span.itemsize);
+    if (!span.impl->is_inference()) span.impl->bump_version();
+  }
+}
+
+void check_grads(at::TensorList grads, const char* op) {
+  for (size_t i = 0; i < grads.size(); ++i) check_grad(grads[i], i, op);
 }
 
 CpuGrads gather(at::TensorList grads, bool writable) {
@@ -451,49 +460,20 @@ double read_scalar(const at::Tensor& t, const char* what) {
   return t.item<double>();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_pass_cpu(at::TensorList grads,
-                                                             const std::optional<at::Tensor>& inv_scale,
-                                                             double norm_type) {
+// The ops as the dispatcher calls them: check, gather, run.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_pass_dispatched(at::TensorList grads,
+                                                                    const std::optional<at::Tensor>& inv_scale,
+                                                                    double norm_type) {
   check_grads(grads, "ampclip norm_pass");
-  const NormKind kind = norm_kind(norm_type);
-  const double inv = inv_scale.has_value() ? read_scalar(*inv_scale, "inv_scale") : 1.0;
-  const auto gathered = gather(grads, /*writable=*/false);
-  const auto sums = reduce(gathered, inv_scale.has_value(), inv, kind, norm_type);
-
-  const auto options = norm_options(gathered);
-  const int64_t num_tensors = static_cast<int64_t>(grads.size());
-  auto norms = at::empty({num_tensors}, options);
-  AT_DISPATCH_FLOATING_TYPES(norms.scalar_type(), "ampclip_norm_pass_out", [&] {
-    auto* out = norms.mutable_data_ptr<scalar_t>();
-    for (int64_t t = 0; t < num_tensors; ++t) out[t] = static_cast<scalar_t>(finish_norm(sums.per_tensor[t], kind, norm_type));
-  });
-  auto total_norm = at::full({}, finish_norm(sums.total, kind, norm_type), options);
-  auto found_inf = at::full({}, sums.found_inf ? 1.0 : 0.0, at::TensorOptions().dtype(at::kFloat));
-  return {norms, total_norm, found_inf};
+  return norm_pass_cpu(gather(grads, /*writable=*/false), inv_scale, norm_type);
 }
 
-void scale_pass_cpu(at::TensorList grads, const at::Tensor& coef, const std::optional<at::Tensor>& inv_scale,
-                    std::optional<double> clip_value, const std::optional<at::Tensor>& found_inf, bool zero_if_inf) {
+void scale_pass_dispatched(at::TensorList grads, const at::Tensor& coef, const std::optional<at::Tensor>& inv_scale,
+                           std::optional<double> clip_value, const std::optional<at::Tensor>& found_inf,
+                           bool zero_if_inf) {
   check_grads(grads, "ampclip scale_pass");
-  const int64_t num_tensors = static_cast<int64_t>(grads.size());
-  TORCH_CHECK(coef.numel() == 1 || coef.numel() == num_tensors,
-              "ampclip scale_pass: coef must hold 1 or one per gradient (", num_tensors, ") elements, got ",
-              coef.numel());
-  TORCH_CHECK(coef.device().is_cpu(), "ampclip scale_pass: coef must be on the CPU, got ", coef.device());
-  TORCH_CHECK(!clip_value.has_value() || *clip_value >= 0.0,
-              "ampclip scale_pass: clip_value must be >= 0, got ", *clip_value);
-  if (found_inf.has_value() && read_scalar(*found_inf, "found_inf") != 0.0) {
-    if (zero_if_inf) {
-      for (const auto& g : grads) const_cast<at::Tensor&>(g).zero_();
-    }
-    return;
-  }
-  const double inv = inv_scale.has_value() ? read_scalar(*inv_scale, "inv_scale") : 1.0;
-  const auto coef_host = coef.to(at::kDouble).contiguous().reshape({-1});
-  const double* coef_data = coef_host.const_data_ptr<double>();
-  const std::vector<double> coefs(coef_data, coef_data + coef_host.numel());
   auto gathered = gather(grads, /*writable=*/true);
-  scale(gathered, coefs, inv_scale.has_value(), inv, clip_value);
+  scale_pass_cpu(gathered, coef, inv_scale, clip_value, found_inf, zero_if_inf);
 }
 
 at::Tensor clip_grad_norm_dispatched(at::TensorList grads, double max_norm, double norm_type) {
@@ -503,6 +483,58 @@ at::Tensor clip_grad_norm_dispatched(at::TensorList grads, double max_norm, doub
 }
 
 }  // namespace
+
+void check_grad(const at::Tensor& g, size_t index, const char* op) {
+  TORCH_CHECK(g.layout() == at::kStrided, op, ": gradient ", index, " is not dense (layout ", g.layout(), ")");
+  TORCH_CHECK(g.device().is_cpu(), op, ": gradient ", index, " is on ", g.device(), ", expected the CPU");
+  const auto t = g.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble, op, ": gradient ",
+              index, " has dtype ", t, "; expected float16, bfloat16, float32 or float64");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_pass_cpu(const CpuGrads& grads,
+                                                             const std::optional<at::Tensor>& inv_scale,
+                                                             double norm_type) {
+  const NormKind kind = norm_kind(norm_type);
+  const double inv = inv_scale.has_value() ? read_scalar(*inv_scale, "inv_scale") : 1.0;
+  const auto sums = reduce(grads, inv_scale.has_value(), inv, kind, norm_type);
+
+  const auto options = norm_options(grads);
+  const int64_t num_tensors = static_cast<int64_t>(grads.spans.size());
+  auto norms = at::empty({num_tensors}, options);
+  AT_DISPATCH_FLOATING_TYPES(norms.scalar_type(), "ampclip_norm_pass_out", [&] {
+    auto* out = norms.mutable_data_ptr<scalar_t>();
+    for (int64_t t = 0; t < num_tensors; ++t) out[t] = static_cast<scalar_t>(finish_norm(sums.per_tensor[t], kind, norm_type));
+  });
+  auto total_norm = at::scalar_tensor(finish_norm(sums.total, kind, norm_type), options);
+  auto found_inf = at::scalar_tensor(sums.found_inf ? 1.0 : 0.0, at::TensorOptions().dtype(at::kFloat));
+  return {norms, total_norm, found_inf};
+}
+
+void scale_pass_cpu(CpuGrads& grads, const at::Tensor& coef, const std::optional<at::Tensor>& inv_scale,
+                    std::optional<double> clip_value, const std::optional<at::Tensor>& found_inf, bool zero_if_inf) {
+  const int64_t num_tensors = static_cast<int64_t>(grads.spans.size());
+  TORCH_CHECK(coef.numel() == 1 || coef.numel() == num_tensors,
+              "ampclip scale_pass: coef must hold 1 or one per gradient (", num_tensors, ") elements, got ",
+              coef.numel());
+  TORCH_CHECK(coef.device().is_cpu(), "ampclip scale_pass: coef must be on the CPU, got ", coef.device());
+  TORCH_CHECK(!clip_value.has_value() || *clip_value >= 0.0,
+              "ampclip scale_pass: clip_value must be >= 0, got ", *clip_value);
+  if (found_inf.has_value() && read_scalar(*found_inf, "found_inf") != 0.0) {
+    if (zero_if_inf) zero_all(grads);
+    return;
+  }
+  const double inv = inv_scale.has_value() ? read_scalar(*inv_scale, "inv_scale") : 1.0;
+  std::vector<double> coefs;
+  if (coef.numel() == 1 && coef.scalar_type() == at::kFloat) {
+    coefs.push_back(*coef.const_data_ptr<float>());  // the common case, without a conversion op
+  } else {
+    const auto coef_host = coef.to(at::kDouble).contiguous().reshape({-1});
+    const double* coef_data = coef_host.const_data_ptr<double>();
+    coefs.assign(coef_data, coef_data + coef_host.numel());
+  }
+  scale(grads, coefs, inv_scale.has_value(), inv, clip_value);
+}
 
 void CpuGrads::add(const at::Tensor& grad, bool writable) {
   any_double |= grad.scalar_type() == at::kDouble;
@@ -539,8 +571,8 @@ at::Tensor clip_grad_norm_cpu(CpuGrads& grads, double max_norm, double norm_type
 }
 
 TORCH_LIBRARY_IMPL(ampclip_C, CPU, m) {
-  m.impl("norm_pass", &norm_pass_cpu);
-  m.impl("scale_pass", &scale_pass_cpu);
+  m.impl("norm_pass", &norm_pass_dispatched);
+  m.impl("scale_pass", &scale_pass_dispatched);
   m.impl("clip_grad_norm_", &clip_grad_norm_dispatched);
 }
 

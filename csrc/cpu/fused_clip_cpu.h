@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -31,6 +32,16 @@ struct CpuGrads {
   // writable: the data pointer is taken for writing (a copy-on-write storage is materialised).
   void add(const at::Tensor& grad, bool writable);
 };
+
+// Throws (a RuntimeError in Python) unless g is a dense CPU float16/bfloat16/float32/float64 tensor.
+void check_grad(const at::Tensor& g, size_t index, const char* op);
+
+// The ops of ampclip/ops.py on gathered gradients (see there for the contract).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_pass_cpu(const CpuGrads& grads,
+                                                             const std::optional<at::Tensor>& inv_scale,
+                                                             double norm_type);
+void scale_pass_cpu(CpuGrads& grads, const at::Tensor& coef, const std::optional<at::Tensor>& inv_scale,
+                    std::optional<double> clip_value, const std::optional<at::Tensor>& found_inf, bool zero_if_inf);
 
 // Clips the gradients in place to a total norm of max_norm (coefficient min(1, max_norm / (norm + 1e-6)))
 // and returns the pre-clip norm: 0-d, float32, or float64 when a gradient is float64.
