@@ -55,3 +55,15 @@ def clip_params(params, max_norm, norm_type):
     if _C is None:
         return None
     return _C.clip_params(params, max_norm, norm_type)
+
+
+def present_grads(params):
+    """``(gradients that exist, their parameter indices or None when all exist)``, read in C++; None
+    without the extension or when a parameter is not a plain Tensor or Parameter."""
+    return None if _C is None else _C.present_grads(params)
+
+
+def tensor_signature(tensors):
+    """Bytes that change when any tensor's identity, data pointer, size, dtype or layout does; None without
+    the extension or for tensor subclasses."""
+    return None if _C is None else _C.tensor_signature(tensors)

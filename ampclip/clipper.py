@@ -20,7 +20,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
-from . import ops, reference
+from . import _extension, ops, reference
 from .distributed import local_shards, reduce_norms
 from .functional import _checked_bound, _checked_norm_type, _validated
 from .ops import clip_coef
@@ -137,6 +137,7 @@ class FusedClipper:
         self.device = devices.pop()
         self.backend = ops.resolve_backend(backend, self.device)
         self.params = params
+        self._all_indices = list(range(len(params)))
         self.names = names
         self.max_norm = _checked_bound(max_norm, "max_norm")
         self.norm_type = _checked_norm_type(norm_type)
@@ -183,11 +184,17 @@ class FusedClipper:
 
     # ----------------------------------------------------------------------------------------------------
     def _present(self) -> tuple[list[int], list[torch.Tensor]]:
+        """(indices of the parameters with a gradient, those gradients). On 2000 parameters the Python loop
+        costs about 0.5 ms a step, the compiled one a few microseconds."""
+        found = _extension.present_grads(self.params)
+        if found is not None:
+            grads, indices = found
+            return (self._all_indices if indices is None else indices), grads
         indices, grads = [], []
         for i, p in enumerate(self.params):
-            if p.grad is not None:
+            if (g := p.grad) is not None:
                 indices.append(i)
-                grads.append(p.grad)
+                grads.append(g)
         return indices, grads
 
     def _group_index(self, indices: list[int]) -> torch.Tensor:
@@ -273,7 +280,9 @@ class FusedClipper:
             if self._flat is not None and coef.dim() == 0 and len(grads) == len(self.params) and self._flat_intact():
                 targets = self._flat.buffers  # one contiguous tensor per dtype: one sweep each
             ops.scale_pass(targets, coef, inv, None, found_inf, zero_if_inf, backend=self.backend)
-        names = None if self.names is None else [self.names[i] for i in indices]
+        names = self.names
+        if names is not None and indices is not self._all_indices:
+            names = [names[i] for i in indices]
         return ClipStats(total, reported_coef, post, found_inf, per_tensor, names, group_norms)
 
     def _check_deferrable(self, optimizer) -> None:

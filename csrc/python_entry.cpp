@@ -161,6 +161,69 @@ PyObject* clip_params(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
   END_HANDLE_TH_ERRORS
 }
 
+// present_grads(params: list | tuple) -> (grads, indices | None) | None
+//
+// The gradients that exist, in parameter order, and their parameters' indices (None when every parameter
+// has one, the common case). None when a parameter is not a plain Tensor or Parameter.
+PyObject* present_grads(PyObject* /*module*/, PyObject* params) {
+  HANDLE_TH_ERRORS
+  if (!PyList_Check(params) && !PyTuple_Check(params)) Py_RETURN_NONE;
+  const Py_ssize_t count = PySequence_Fast_GET_SIZE(params);
+  PyObject** items = PySequence_Fast_ITEMS(params);
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    if (!THPVariable_CheckExact(items[i])) Py_RETURN_NONE;
+  }
+  pybind11::list grads;
+  pybind11::object indices = pybind11::none();  // a list from the first parameter without a gradient
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    const at::Tensor& grad = THPVariable_Unpack(items[i]).grad();
+    if (!grad.defined()) {
+      if (indices.is_none()) {
+        pybind11::list before;
+        for (Py_ssize_t j = 0; j < i; ++j) before.append(j);
+        indices = before;
+      }
+      continue;
+    }
+    grads.append(pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(grad)));
+    if (!indices.is_none()) indices.cast<pybind11::list>().append(i);
+  }
+  return pybind11::make_tuple(grads, indices).release().ptr();
+  END_HANDLE_TH_ERRORS
+}
+
+// tensor_signature(tensors: list | tuple) -> bytes | None
+//
+// What a cached kernel table of these tensors depends on, per tensor: its identity (TensorImpl), data
+// pointer, element count, dtype, and a hash of its sizes and strides. Two equal signatures mean the table
+// still fits; comparing them is a memcmp. None when an item is not a plain tensor.
+PyObject* tensor_signature(PyObject* /*module*/, PyObject* tensors) {
+  HANDLE_TH_ERRORS
+  if (!PyList_Check(tensors) && !PyTuple_Check(tensors)) Py_RETURN_NONE;
+  const Py_ssize_t count = PySequence_Fast_GET_SIZE(tensors);
+  PyObject** items = PySequence_Fast_ITEMS(tensors);
+  constexpr int kWords = 5;
+  std::vector<uint64_t> words(static_cast<size_t>(count) * kWords);
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    if (!is_plain(items[i])) Py_RETURN_NONE;
+    const at::Tensor& t = THPVariable_Unpack(items[i]);
+    uint64_t shape = static_cast<uint64_t>(t.dim());
+    for (int64_t d = 0; d < t.dim(); ++d) {  // FNV-style mix: a changed view must not look the same
+      shape = (shape ^ static_cast<uint64_t>(t.sizes()[d])) * 0x100000001b3ULL;
+      shape = (shape ^ static_cast<uint64_t>(t.strides()[d])) * 0x100000001b3ULL;
+    }
+    uint64_t* w = words.data() + i * kWords;
+    w[0] = reinterpret_cast<uintptr_t>(t.unsafeGetTensorImpl());
+    w[1] = t.has_storage() ? reinterpret_cast<uintptr_t>(t.const_data_ptr()) : 0;
+    w[2] = static_cast<uint64_t>(t.numel());
+    w[3] = static_cast<uint64_t>(t.scalar_type()) | (static_cast<uint64_t>(t.device().index() + 1) << 16);
+    w[4] = shape;
+  }
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(words.data()),
+                                   static_cast<Py_ssize_t>(words.size() * sizeof(uint64_t)));
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"norm_pass", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(norm_pass)), METH_FASTCALL,
      "ampclip_C::norm_pass without the dispatcher; None when the call needs it."},
@@ -168,6 +231,10 @@ PyMethodDef methods[] = {
      "ampclip_C::scale_pass without the dispatcher; None when the call needs it."},
     {"clip_params", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(clip_params)), METH_FASTCALL,
      "Fast path of ampclip.clip_grad_norm_ for CPU gradients; None when the input needs the general path."},
+    {"present_grads", present_grads, METH_O,
+     "(gradients that exist, their parameter indices or None when all exist); None for non-plain parameters."},
+    {"tensor_signature", tensor_signature, METH_O,
+     "Bytes identifying each tensor's object, data pointer, size, dtype and layout, for table caches."},
     {nullptr, nullptr, 0, nullptr},
 };
 

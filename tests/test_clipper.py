@@ -163,13 +163,22 @@ def test_bitwise_deterministic_across_runs():
         assert all(bitwise_equal(a, b) for a, b in zip(results[0][2], results[1][2]))
 
 
-def test_missing_gradients_are_skipped_and_reported():
+def test_missing_gradients_are_skipped_and_reported(monkeypatch):
     grads = random_grads(SHAPES, (torch.float32,))
     params, named = params_with(grads)
+    clipper = ampclip.FusedClipper(named, 1e9)
+    assert clipper.clip_().names == [name for name, _ in named]  # all present
     params[1].grad = None
-    stats = ampclip.FusedClipper(named, 1e9).clip_()
+    stats = clipper.clip_()
     assert "layer1.weight" not in stats.names and len(stats.per_tensor_norms) == len(grads) - 1
     assert rel_close(stats.total_norm.item(), reference.exact_norm(grads[:1] + grads[2:], 2.0), 2e-6)
+    # the compiled gathering and the Python one see the same gradients in the same order
+    params[-1].grad = None
+    indices, present = clipper._present()
+    assert indices == [i for i, p in enumerate(params) if p.grad is not None]
+    assert all(a is p.grad for a, p in zip(present, (params[i] for i in indices)))
+    monkeypatch.setattr(ampclip._extension, "present_grads", lambda params: None)
+    assert clipper._present()[0] == indices
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -18,18 +18,18 @@ norms index the table directly, no index map).
 
 Caching: building a table costs a Python loop over the tensors and a host-to-device copy (about 5 ms for
 2,000 tensors on a slow host), and a copy during CUDA-graph capture is not allowed at all, so tables are
-cached. An entry is found by (chunk, length, id of the first and last tensor) and is a hit when the tuple
-of all the tensors' ``id()``s and the tuple of their data pointers both equal the entry's (compared, not
-hashed: about 250 µs for 2,000 tensors on the 2-core CI host while it was busy, an estimated 60-100 µs on a
-GPU server's CPU). Why not key on ``(data_ptr, numel, dtype)`` per tensor: on this repository's 2-core CI host that
-costs 210 ns per tensor (420 µs for 2,000 tensors) against 33 ns for ``map(id)`` plus 70 ns for
-``map(data_ptr)``. An ``id`` is only unique among live objects, so every cached tensor carries a weak
-reference whose callback drops the entry when that tensor dies (``zero_grad(set_to_none=True)`` then a new
-backward gives new tensors and a new table); the cache never keeps a gradient alive. The data-pointer check
-catches storage that moved under a live tensor (``.set_()``, ``.data =``, a growing ``resize_``).
-Not detected: a live tensor whose size, dtype or strides change while its data pointer stays put
-(``resize_`` to a smaller size, ``t_()``, ``.data =`` a same-address view); call :func:`clear_cache` after
-doing that to a gradient.
+cached. An entry is found by (chunk, length, id of the first and last tensor) and is a hit when the
+signature of the list equals the entry's. With the compiled extension the signature is
+``ampclip._C.tensor_signature``: per tensor its TensorImpl, data pointer, element count, dtype and a hash of
+its sizes and strides, packed into bytes in C++ (about 20 us for 2,000 tensors on the 2-core CI host) and
+compared with one memcmp. Without it, the signature is the tuple of the tensors' ``id()``s and the tuple of
+their data pointers (about 260 us for 2,000 tensors on the same host), which does not see a live tensor
+whose size, dtype or strides change while its data pointer stays put (``resize_`` to a smaller size,
+``t_()``); call :func:`clear_cache` after doing that to a gradient. Identity is only unique among live
+objects, so every cached tensor carries a weak reference whose callback drops the entry when that tensor
+dies (``zero_grad(set_to_none=True)`` then a new backward gives new tensors and a new table); the cache
+never keeps a gradient alive. The data pointer catches storage that moved under a live tensor (``.set_()``,
+``.data =``, a growing ``resize_``).
 
 Non-contiguous gradients get a persistent contiguous staging buffer owned by the table: the norm pass copies
 the gradient in, the scale pass copies in and back out. The table keeps pointing at the same buffer, so it
@@ -43,6 +43,8 @@ from collections import OrderedDict
 from typing import Optional
 
 import torch
+
+from .. import _extension
 
 CHUNK = 32768  # elements per program: 64 KiB of fp16, 32 iterations of a 1024-wide block, enough to hide
 # a program's start-up; GPT-2 1.5B (1.56e9 elements) is ~48K programs, plenty for 132 SMs.
@@ -58,10 +60,10 @@ def _even(n: int) -> int:
 class TensorTable:
     """The device table of one gradient list (see the module docstring for the layout)."""
 
-    __slots__ = ("key", "ids", "ptrs", "buffer", "dev_ptrs", "numels", "codes", "chunk_begin", "chunk_tensor",
+    __slots__ = ("key", "signature", "buffer", "dev_ptrs", "numels", "codes", "chunk_begin", "chunk_tensor",
                  "num_tensors", "num_chunks", "chunk", "has_fp64", "staging", "_refs", "__weakref__")
 
-    def __init__(self, key, ids: tuple, grads: list[torch.Tensor], chunk: int):
+    def __init__(self, key, signature, grads: list[torch.Tensor], chunk: int):
         device = grads[0].device
         for i, g in enumerate(grads):  # bad input is an error before any kernel runs
             if g.dtype not in DTYPE_CODES:
@@ -72,8 +74,7 @@ class TensorTable:
             if g.layout != torch.strided:
                 raise ValueError(f"ampclip triton: gradient {i} has layout {g.layout}; expected dense")
         self.key = key
-        self.ids = ids
-        self.ptrs = tuple(map(_data_ptr, grads))
+        self.signature = signature
         self.chunk = chunk
         self.num_tensors = n = len(grads)
         self.has_fp64 = any(g.dtype == torch.float64 for g in grads)
@@ -118,6 +119,14 @@ class TensorTable:
 _cache: "OrderedDict[tuple, TensorTable]" = OrderedDict()
 
 
+def _signature(grads: list[torch.Tensor]):
+    """What a table depends on (see the module docstring): compiled bytes, or Python tuples without them."""
+    packed = _extension.tensor_signature(grads)
+    if packed is not None:
+        return packed
+    return tuple(map(id, grads)), tuple(map(_data_ptr, grads))
+
+
 def tensor_table(grads: list[torch.Tensor], chunk: int = CHUNK) -> TensorTable:
     """The table of ``grads`` (any dtypes of DTYPE_CODES, one device), built on the first call and cached.
 
@@ -126,15 +135,15 @@ def tensor_table(grads: list[torch.Tensor], chunk: int = CHUNK) -> TensorTable:
         table = tensor_table([p.grad for p in model.parameters()])
         table.num_chunks  # programs per launch
     """
-    # Hashing a 2,000-id tuple costs as much as building it, so the dict key is only (chunk, length, first
-    # and last id) and the full id and pointer tuples are compared (no hashing) against the entry.
+    # The dict key is only (chunk, length, first and last id); the full signature is compared (not hashed:
+    # hashing costs as much as building it) against the entry's.
     key = (chunk, len(grads), id(grads[0]), id(grads[-1]))
-    ids = tuple(map(id, grads))
+    signature = _signature(grads)
     table: Optional[TensorTable] = _cache.get(key)
-    if table is not None and table.ids == ids and table.ptrs == tuple(map(_data_ptr, grads)):
+    if table is not None and table.signature == signature:
         _cache.move_to_end(key)
         return table
-    table = TensorTable(key, ids, grads, chunk)
+    table = TensorTable(key, signature, grads, chunk)
     _cache[key] = table
     _cache.move_to_end(key)
     while len(_cache) > CACHE_SIZE:
