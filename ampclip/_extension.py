@@ -64,6 +64,6 @@ def present_grads(params):
 
 
 def tensor_signature(tensors):
-    """Bytes that change when any tensor's identity, data pointer, size, dtype or layout does; None without
-    the extension or for tensor subclasses."""
+    """``(hash, bytes)`` that change when any tensor's data pointer, size, dtype, device or layout does (not
+    its identity); None without the extension or for tensor subclasses."""
     return None if _C is None else _C.tensor_signature(tensors)

@@ -192,35 +192,40 @@ PyObject* present_grads(PyObject* /*module*/, PyObject* params) {
   END_HANDLE_TH_ERRORS
 }
 
-// tensor_signature(tensors: list | tuple) -> bytes | None
+// tensor_signature(tensors: list | tuple) -> (hash: int, signature: bytes) | None
 //
-// What a cached kernel table of these tensors depends on, per tensor: its identity (TensorImpl), data
-// pointer, element count, dtype, and a hash of its sizes and strides. Two equal signatures mean the table
-// still fits; comparing them is a memcmp. None when an item is not a plain tensor.
+// What a kernel table of these tensors depends on, per tensor: data pointer, element count, dtype and
+// device, and a hash of its sizes and strides. Not the tensor's identity: the new gradients a backward
+// allocates after zero_grad(set_to_none=True) usually land at the same addresses, and then the old table
+// fits them. Equal signatures mean the table still fits; comparing them is a memcmp, and the 64-bit hash
+// is the dictionary key. None when an item is not a plain tensor.
 PyObject* tensor_signature(PyObject* /*module*/, PyObject* tensors) {
   HANDLE_TH_ERRORS
   if (!PyList_Check(tensors) && !PyTuple_Check(tensors)) Py_RETURN_NONE;
   const Py_ssize_t count = PySequence_Fast_GET_SIZE(tensors);
   PyObject** items = PySequence_Fast_ITEMS(tensors);
-  constexpr int kWords = 5;
+  constexpr uint64_t kPrime = 0x100000001b3ULL;  // FNV-1a's multiplier, applied per 64-bit word
+  constexpr int kWords = 4;
   std::vector<uint64_t> words(static_cast<size_t>(count) * kWords);
+  uint64_t hash = 0xcbf29ce484222325ULL;
   for (Py_ssize_t i = 0; i < count; ++i) {
     if (!is_plain(items[i])) Py_RETURN_NONE;
     const at::Tensor& t = THPVariable_Unpack(items[i]);
     uint64_t shape = static_cast<uint64_t>(t.dim());
-    for (int64_t d = 0; d < t.dim(); ++d) {  // FNV-style mix: a changed view must not look the same
-      shape = (shape ^ static_cast<uint64_t>(t.sizes()[d])) * 0x100000001b3ULL;
-      shape = (shape ^ static_cast<uint64_t>(t.strides()[d])) * 0x100000001b3ULL;
+    for (int64_t d = 0; d < t.dim(); ++d) {  // a changed view must not look the same
+      shape = (shape ^ static_cast<uint64_t>(t.sizes()[d])) * kPrime;
+      shape = (shape ^ static_cast<uint64_t>(t.strides()[d])) * kPrime;
     }
     uint64_t* w = words.data() + i * kWords;
-    w[0] = reinterpret_cast<uintptr_t>(t.unsafeGetTensorImpl());
-    w[1] = t.has_storage() ? reinterpret_cast<uintptr_t>(t.const_data_ptr()) : 0;
-    w[2] = static_cast<uint64_t>(t.numel());
-    w[3] = static_cast<uint64_t>(t.scalar_type()) | (static_cast<uint64_t>(t.device().index() + 1) << 16);
-    w[4] = shape;
+    w[0] = t.has_storage() ? reinterpret_cast<uintptr_t>(t.const_data_ptr()) : 0;
+    w[1] = static_cast<uint64_t>(t.numel());
+    w[2] = static_cast<uint64_t>(t.scalar_type()) | (static_cast<uint64_t>(t.device().index() + 1) << 16) |
+           (static_cast<uint64_t>(t.device().type()) << 32);
+    w[3] = shape;
+    for (int k = 0; k < kWords; ++k) hash = (hash ^ w[k]) * kPrime;
   }
-  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(words.data()),
-                                   static_cast<Py_ssize_t>(words.size() * sizeof(uint64_t)));
+  pybind11::bytes packed(reinterpret_cast<const char*>(words.data()), words.size() * sizeof(uint64_t));
+  return pybind11::make_tuple(hash, packed).release().ptr();
   END_HANDLE_TH_ERRORS
 }
 
@@ -234,7 +239,7 @@ PyMethodDef methods[] = {
     {"present_grads", present_grads, METH_O,
      "(gradients that exist, their parameter indices or None when all exist); None for non-plain parameters."},
     {"tensor_signature", tensor_signature, METH_O,
-     "Bytes identifying each tensor's object, data pointer, size, dtype and layout, for table caches."},
+     "(hash, bytes) of each tensor's data pointer, size, dtype, device and layout, for table caches."},
     {nullptr, nullptr, 0, nullptr},
 };
 

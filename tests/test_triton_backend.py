@@ -282,11 +282,34 @@ def test_table_is_cached_and_invalidated():
     assert moved is not table
     per_tensor, total, _ = norm(grads)
     assert_norms(per_tensor, total, grads, 2.0, None, 1e-5)
-    # the cache holds no gradient alive: once the tensors die their table goes
-    before = tk.cache_info()["tables"]
-    del grads, table, moved
+    # the cache holds no gradient alive; a table keyed on identities goes when its tensors die
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_extension, "tensor_signature", lambda tensors: None)
+        tk.tensor_table(grads)
+        before = tk.cache_info()["tables"]
+        del grads, table, moved
+        gc.collect()
+        assert tk.cache_info()["tables"] < before
+
+
+@pytest.mark.skipif(not _extension.AVAILABLE, reason="needs the compiled extension")
+def test_new_gradients_at_the_old_addresses_reuse_the_table():
+    # zero_grad(set_to_none=True) and a backward: new tensor objects, usually at the same addresses
+    storage = [torch.randn(4097), torch.randn(3, 5).half()]
+    table = tk.tensor_table([s.view_as(s) for s in storage])
     gc.collect()
-    assert tk.cache_info()["tables"] < before
+    again = [s.view_as(s) for s in storage]
+    assert tk.tensor_table(again) is table
+    per_tensor, total, _ = norm(again)
+    assert_norms(per_tensor, total, again, 2.0, None, 1e-5)
+    assert tk.tensor_table([storage[0].view_as(storage[0]), storage[1].view(5, 3)]) is not table  # other shape
+    assert tk.tensor_table([storage[0][1:], storage[1]]) is not table  # other address
+    strided = [torch.randn(40, 30)[:, :20]]  # its table owns a staging buffer as large as the gradient
+    tk.tensor_table(strided)
+    before = tk.cache_info()["tables"]
+    del strided
+    gc.collect()
+    assert tk.cache_info()["tables"] == before - 1
 
 
 @pytest.mark.skipif(not _extension.AVAILABLE, reason="needs the compiled extension")

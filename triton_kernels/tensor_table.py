@@ -18,18 +18,25 @@ norms index the table directly, no index map).
 
 Caching: building a table costs a Python loop over the tensors and a host-to-device copy (about 5 ms for
 2,000 tensors on a slow host), and a copy during CUDA-graph capture is not allowed at all, so tables are
-cached. An entry is found by (chunk, length, id of the first and last tensor) and is a hit when the
-signature of the list equals the entry's. With the compiled extension the signature is
-``ampclip._C.tensor_signature``: per tensor its TensorImpl, data pointer, element count, dtype and a hash of
-its sizes and strides, packed into bytes in C++ (about 20 us for 2,000 tensors on the 2-core CI host) and
-compared with one memcmp. Without it, the signature is the tuple of the tensors' ``id()``s and the tuple of
-their data pointers (about 260 us for 2,000 tensors on the same host), which does not see a live tensor
-whose size, dtype or strides change while its data pointer stays put (``resize_`` to a smaller size,
-``t_()``); call :func:`clear_cache` after doing that to a gradient. Identity is only unique among live
-objects, so every cached tensor carries a weak reference whose callback drops the entry when that tensor
-dies (``zero_grad(set_to_none=True)`` then a new backward gives new tensors and a new table); the cache
-never keeps a gradient alive. The data pointer catches storage that moved under a live tensor (``.set_()``,
-``.data =``, a growing ``resize_``).
+cached, and found again by a signature of the gradient list:
+
+* With the compiled extension, ``ampclip._C.tensor_signature``: per tensor its data pointer, element count,
+  dtype, device and a hash of its sizes and strides, packed into bytes in C++ with a 64-bit hash as the
+  dictionary key, and compared with one memcmp (about 40 us for 2,000 tensors on the 2-core CI host). It
+  leaves out the tensors' identity on purpose: after ``zero_grad(set_to_none=True)`` the next backward
+  allocates new gradients, which the caching allocator can place at the old addresses (it hands freed
+  blocks out again), and then the old table fits them. Nothing else is in a table, so a table whose tensors died is still right for any list
+  with the same signature. A table with staging buffers (below) is dropped when one of its tensors dies,
+  as the buffers are as large as their gradients.
+* Without it, the tuple of the tensors' ``id()``s and the tuple of their data pointers (about 260 us for
+  2,000 tensors on the same host). An ``id`` is only unique among live objects, so every cached tensor
+  carries a weak reference whose callback drops the entry when that tensor dies; the cache never keeps a
+  gradient alive. This signature does not see a live tensor whose size, dtype or strides change while its
+  data pointer stays put (``resize_`` to a smaller size, ``t_()``): call :func:`clear_cache` after doing
+  that to a gradient.
+
+Either way the data pointer catches storage that moved under a live tensor (``.set_()``, ``.data =``, a
+growing ``resize_``).
 
 Non-contiguous gradients get a persistent contiguous staging buffer owned by the table: the norm pass copies
 the gradient in, the scale pass copies in and back out. The table keeps pointing at the same buffer, so it
@@ -63,7 +70,7 @@ class TensorTable:
     __slots__ = ("key", "signature", "buffer", "dev_ptrs", "numels", "codes", "chunk_begin", "chunk_tensor",
                  "num_tensors", "num_chunks", "chunk", "has_fp64", "staging", "_refs", "__weakref__")
 
-    def __init__(self, key, signature, grads: list[torch.Tensor], chunk: int):
+    def __init__(self, key, signature, grads: list[torch.Tensor], chunk: int, watch_lifetimes: bool):
         device = grads[0].device
         for i, g in enumerate(grads):  # bad input is an error before any kernel runs
             if g.dtype not in DTYPE_CODES:
@@ -98,8 +105,9 @@ class TensorTable:
         sections[4][:c] = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), counts)
         self.buffer = host.to(device)  # one copy; a synchronous one from pageable memory, on a miss only
         self.dev_ptrs, self.numels, self.codes, self.chunk_begin, self.chunk_tensor = self.buffer.split(sizes)
-        # weak references only: the cache must never keep a gradient (possibly gigabytes) alive
-        self._refs = [weakref.ref(g, self._drop) for g in grads]
+        # Dropped when a tensor dies: an identity-based signature is void then, and staging buffers are as
+        # large as their gradients. Weak references only: the cache must never keep a gradient alive.
+        self._refs = [weakref.ref(g, self._drop) for g in grads] if watch_lifetimes or self.staging else []
 
     def _drop(self, _ref) -> None:
         if _cache.get(self.key) is self:
@@ -119,14 +127,6 @@ class TensorTable:
 _cache: "OrderedDict[tuple, TensorTable]" = OrderedDict()
 
 
-def _signature(grads: list[torch.Tensor]):
-    """What a table depends on (see the module docstring): compiled bytes, or Python tuples without them."""
-    packed = _extension.tensor_signature(grads)
-    if packed is not None:
-        return packed
-    return tuple(map(id, grads)), tuple(map(_data_ptr, grads))
-
-
 def tensor_table(grads: list[torch.Tensor], chunk: int = CHUNK) -> TensorTable:
     """The table of ``grads`` (any dtypes of DTYPE_CODES, one device), built on the first call and cached.
 
@@ -135,15 +135,20 @@ def tensor_table(grads: list[torch.Tensor], chunk: int = CHUNK) -> TensorTable:
         table = tensor_table([p.grad for p in model.parameters()])
         table.num_chunks  # programs per launch
     """
-    # The dict key is only (chunk, length, first and last id); the full signature is compared (not hashed:
-    # hashing costs as much as building it) against the entry's.
-    key = (chunk, len(grads), id(grads[0]), id(grads[-1]))
-    signature = _signature(grads)
+    compiled = _extension.tensor_signature(grads)
+    if compiled is not None:
+        digest, signature = compiled
+        key = (chunk, len(grads), digest)
+    else:
+        # The dict key is only (chunk, length, first and last id); the full tuples are compared (not hashed:
+        # hashing costs as much as building them) against the entry's.
+        key = (chunk, len(grads), id(grads[0]), id(grads[-1]))
+        signature = (tuple(map(id, grads)), tuple(map(_data_ptr, grads)))
     table: Optional[TensorTable] = _cache.get(key)
     if table is not None and table.signature == signature:
         _cache.move_to_end(key)
         return table
-    table = TensorTable(key, signature, grads, chunk)
+    table = TensorTable(key, signature, grads, chunk, watch_lifetimes=compiled is None)
     _cache[key] = table
     _cache.move_to_end(key)
     while len(_cache) > CACHE_SIZE:
