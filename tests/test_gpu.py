@@ -135,3 +135,24 @@ def test_skipped_step_on_cuda_is_bit_identical():
     for k, s in opt.state_dict()["state"].items():
         for n, v in s.items():
             assert bitwise_equal(v, state[k][n])
+
+
+def test_training_loop_with_set_to_none_keeps_its_table():
+    # zero_grad(set_to_none=True) frees the gradients; the next backward allocates new ones. The table is
+    # keyed on addresses and sizes, so it is reused whenever the allocator hands out the same blocks.
+    from ampclip import triton_kernels as tk
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(50)]).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    clipper = ampclip.FusedClipper(model.parameters(), max_norm=0.1)
+    builds = []
+    for _ in range(6):
+        optimizer.zero_grad(set_to_none=True)
+        model(torch.randn(8, 64, device="cuda")).square().mean().backward()
+        want = reference.exact_norm([p.grad for p in model.parameters()], 2.0)
+        stats = clipper.clip_()
+        assert rel_close(stats.total_norm.item(), want, 1e-5)
+        optimizer.step()
+        builds.append(tk.cache_info()["builds"])
+    print(f"table builds after each of 6 steps with set_to_none=True: {builds}")

@@ -125,6 +125,7 @@ class TensorTable:
 
 
 _cache: "OrderedDict[tuple, TensorTable]" = OrderedDict()
+_builds = 0
 
 
 def tensor_table(grads: list[torch.Tensor], chunk: int = CHUNK) -> TensorTable:
@@ -149,6 +150,8 @@ def tensor_table(grads: list[torch.Tensor], chunk: int = CHUNK) -> TensorTable:
         _cache.move_to_end(key)
         return table
     table = TensorTable(key, signature, grads, chunk, watch_lifetimes=compiled is None)
+    global _builds
+    _builds += 1
     _cache[key] = table
     _cache.move_to_end(key)
     while len(_cache) > CACHE_SIZE:
@@ -163,5 +166,5 @@ def clear_cache() -> None:
 
 
 def cache_info() -> dict:
-    """How many tables are cached, for tests and debugging."""
-    return {"tables": len(_cache), "max": CACHE_SIZE}
+    """How many tables are cached and how many were built since import, for tests and debugging."""
+    return {"tables": len(_cache), "max": CACHE_SIZE, "builds": _builds}
