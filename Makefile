@@ -3,7 +3,14 @@
 # torch and triton are installed only when none is importable.
 PYTHON ?= python3
 VENV ?= .venv
+# A python3 that is itself a venv holding torch (a GPU image's, say) is used as it is: a venv made from it
+# would see the base interpreter's packages, not its own.
+IN_TORCH_VENV := $(shell $(PYTHON) -c "import sys, torch; print(int(sys.prefix != sys.base_prefix))" 2>/dev/null)
+ifeq ($(IN_TORCH_VENV),1)
+PY := $(PYTHON)
+else
 PY := $(VENV)/bin/python
+endif
 # A CPU build of torch keeps a cold set-up small; set TORCH_SPEC to pick another build.
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton>=3.6
@@ -14,7 +21,8 @@ EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/c
 setup: $(VENV)/.built
 
 $(VENV)/.deps:
-	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	mkdir -p $(VENV)
+	$(PY) -c "import sys" 2>/dev/null || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)" || \
 		echo "triton unavailable: the Triton backend is skipped"
@@ -32,8 +40,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# The GPU suite runs the Triton kernels compiled: tests/conftest.py turns the interpreter on unless told.
 test-gpu: setup
-	$(PY) -m pytest -q -m gpu
+	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu
 
 bench: setup
 	$(PY) -m ampclip bench
