@@ -138,6 +138,31 @@ def test_cpp_scale_pass_bitwise_equals_reference(dtypes, clip_value):
         assert bitwise_equal(a, b)
 
 
+@pytest.mark.skipif(not ops.available_backends()["cpp"], reason="no _C")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpp_half_conversions_equal_torch_on_special_values(dtype):
+    # The 16-bit paths convert in hardware (F16C) or on raw bits: rounding, overflow to inf, subnormals and
+    # NaN must come out as torch's own conversions give them. 8-wide loops: the odd length leaves a tail.
+    info = torch.finfo(dtype)
+    special = torch.tensor([math.nan, math.inf, -math.inf, info.max, -info.max, info.tiny, info.tiny / 8,
+                            -info.tiny / 3, 0.0, -0.0, 1 / 3, 1e-3, 3.0], dtype=torch.float32)
+    values = torch.cat([torch.randn(1000) * 5, special, torch.randn(20)]).to(dtype)
+    for inv, coef in [(2.0, 0.37), (0.5, 1.0 / 3), (1.0, 0.999)]:
+        grads = [values.clone(), values[3:].clone()]
+        twin = clone_all(grads)
+        ops.scale_pass(grads, torch.tensor(coef), torch.tensor(inv), backend="cpp")
+        ops.scale_pass(twin, torch.tensor(coef), torch.tensor(inv), backend="reference")
+        for a, b in zip(grads, twin):
+            # NaN stays NaN; its bits are not compared: torch's own bf16 rounding gives 0x7fc0 in scalar
+            # code (c10::BFloat16, which ampclip follows) and 0xffff in its AVX2 code.
+            assert torch.equal(a.isnan(), b.isnan())
+            assert bitwise_equal(a[~a.isnan()], b[~b.isnan()])
+    finite = values[values.abs() < 1e4]  # bf16's largest squares would overflow the float32 lanes
+    per_tensor, total, found_inf = ops.norm_pass([finite, values], torch.tensor(0.5), 2.0, backend="cpp")
+    assert found_inf.item() == 1.0
+    assert rel_close(per_tensor[0].item(), reference.exact_norm([finite], 2.0, 0.5), 1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("zero_if_inf", [False, True], ids=["leave", "zero"])
 def test_scale_pass_on_found_inf(backend, zero_if_inf):

@@ -25,9 +25,9 @@ cached, and found again by a signature of the gradient list:
   dictionary key, and compared with one memcmp (about 40 us for 2,000 tensors on the 2-core CI host). It
   leaves out the tensors' identity on purpose: after ``zero_grad(set_to_none=True)`` the next backward
   allocates new gradients, which the caching allocator can place at the old addresses (it hands freed
-  blocks out again), and then the old table fits them. Nothing else is in a table, so a table whose tensors died is still right for any list
-  with the same signature. A table with staging buffers (below) is dropped when one of its tensors dies,
-  as the buffers are as large as their gradients.
+  blocks out again), and then the old table fits them. Nothing else is in a table, so a table whose
+  tensors died is still right for any list with the same signature. A table with staging buffers (below)
+  is dropped when one of its tensors dies, as the buffers are as large as their gradients.
 * Without it, the tuple of the tensors' ``id()``s and the tuple of their data pointers (about 260 us for
   2,000 tensors on the same host). An ``id`` is only unique among live objects, so every cached tensor
   carries a weak reference whose callback drops the entry when that tensor dies; the cache never keeps a

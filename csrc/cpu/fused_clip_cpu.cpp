@@ -17,6 +17,9 @@
 #include "fused_clip_cpu.h"
 
 #include <algorithm>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -181,8 +184,43 @@ AMPCLIP_CPU_CLONES void widen(const c10::BFloat16* x, int64_t n, float* out) {
   }
 }
 
-template <typename scalar_t>
-inline void widen(const scalar_t* x, int64_t n, float* out) {
+// float16 <-> float32 in hardware (F16C, on x86-64 CPUs since 2012), eight values an instruction. c10::Half's
+// portable conversion costs a dozen scalar instructions a value: a GPT-2-124M fp16 scale pass took 378 ms
+// with it, torch's mul_ 21 ms. Chosen at run time, as the CPUs the build targets need not have F16C.
+// F16C rounds to nearest even like c10::Half, and keeps a NaN a NaN.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AMPCLIP_F16C 1
+bool has_f16c() {
+  static const bool supported = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+  return supported;
+}
+
+__attribute__((target("avx,f16c"))) void widen_f16c(const uint16_t* x, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+  }
+  for (; i < n; ++i) out[i] = _cvtsh_ss(x[i]);
+}
+
+// x <- x * inv * coef, computed in float and rounded once to float16.
+__attribute__((target("avx,f16c"))) void scale_f16c(uint16_t* x, int64_t n, float inv, float coef) {
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256 vcoef = _mm256_set1_ps(coef);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    auto* p = reinterpret_cast<__m128i*>(x + i);
+    const __m256 u = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(p)), vinv), vcoef);
+    _mm_storeu_si128(p, _mm256_cvtps_ph(u, _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; i < n; ++i) x[i] = _cvtss_sh(_cvtsh_ss(x[i]) * inv * coef, _MM_FROUND_TO_NEAREST_INT);
+}
+#endif
+
+void widen(const c10::Half* x, int64_t n, float* out) {
+#ifdef AMPCLIP_F16C
+  if (has_f16c()) return widen_f16c(reinterpret_cast<const uint16_t*>(x), n, out);
+#endif
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(x[i]);
 }
 
@@ -300,6 +338,10 @@ void scale_chunk(scalar_t* x, int64_t n, double inv, bool has_clip, double clip,
     scale_floats(x, n, inv_a, coef_a);
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     scale_bf16(reinterpret_cast<uint16_t*>(x), n, inv_a, coef_a);
+#ifdef AMPCLIP_F16C
+  } else if (std::is_same_v<scalar_t, c10::Half> && has_f16c()) {
+    scale_f16c(reinterpret_cast<uint16_t*>(x), n, inv_a, coef_a);
+#endif
   } else {
     for (int64_t i = 0; i < n; ++i) x[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * inv_a * coef_a);
   }
