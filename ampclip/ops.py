@@ -45,6 +45,7 @@ __all__ = [
     "norm_pass",
     "resolve_backend",
     "scale_pass",
+    "triton_runs_on",
 ]
 
 BACKENDS = ("reference", "cpp", "triton")
@@ -89,12 +90,22 @@ def _get(name: str) -> Optional[_Backend]:
 
 
 def available_backends() -> dict[str, bool]:
-    """Which backends can run here (the Triton one needs CUDA, or ``TRITON_INTERPRET=1`` for CPU tensors)."""
+    """Which backends are installed here (the Triton one then runs on what :func:`triton_runs_on` says)."""
     return {name: _get(name) is not None for name in BACKENDS}
 
 
-def _triton_runs_on(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+def triton_runs_on(device) -> bool:
+    """Whether the triton backend can take tensors on ``device``: CUDA tensors, or CPU tensors under
+    ``TRITON_INTERPRET=1`` with triton 3.7 or newer (3.6's interpreter passes scalars around as one-element
+    arrays, which NumPy 2 refuses as loop bounds; compiled, the kernels need 3.6)."""
+    if _get("triton") is None:
+        return False
+    if torch.device(device).type == "cuda":
+        return True
+    import triton
+
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return os.environ.get("TRITON_INTERPRET") == "1" and (major, minor) >= (3, 7)
 
 
 @torch.compiler.assume_constant_result  # traced once as a constant: no guard on the backend tables
@@ -114,8 +125,9 @@ def resolve_backend(name: Optional[str], device: torch.device) -> str:
         raise ValueError(f"unknown ampclip backend {name!r}; expected one of {BACKENDS} or 'auto'")
     if _get(name) is None:
         raise RuntimeError(f"ampclip backend {name!r} is not available here (see `python -m ampclip env`)")
-    if name == "triton" and not _triton_runs_on(device):
-        raise RuntimeError("the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+    if name == "triton" and not triton_runs_on(device):
+        raise RuntimeError("the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 and triton >= 3.7 for "
+                           "CPU tensors")
     if name == "cpp" and device.type == "cuda" and not _extension.HAS_CUDA:
         raise RuntimeError("ampclip._C was built without CUDA kernels; use backend='triton' or 'reference'")
     return name

@@ -7,8 +7,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
-import ampclip
-
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -27,8 +25,3 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def cpu_backends():
-    """Backends that can run on CPU tensors here (the Triton one under the interpreter)."""
-    return [name for name, ok in ampclip.ops.available_backends().items() if ok]

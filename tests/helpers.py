@@ -7,11 +7,16 @@ import math
 import pytest
 import torch
 
+import ampclip
+
 # Odd sizes on purpose: 1 element, 3, one past a power of two, zero-size, a tensor that spans two CPU work
 # chunks (65,536 elements each) with a short tail, and 2-D/3-D shapes.
 ODD_SHAPES = [(1,), (3,), (4097,), (0,), (65536 + 1000,), (33, 17), (2, 3, 5), (7, 0), (128,)]
 
 NORMS = [pytest.param(p, id=f"p{p}") for p in (1.0, 2.0, 3.0, math.inf)]
+# The backends that take CPU tensors here (Triton only under its interpreter, from triton 3.7 on).
+CPU_BACKENDS = [name for name, ok in ampclip.ops.available_backends().items()
+                if ok and (name != "triton" or ampclip.ops.triton_runs_on("cpu"))]
 DTYPE_MIXES = [
     pytest.param((torch.float32,), id="fp32"),
     pytest.param((torch.float16,), id="fp16"),

@@ -7,11 +7,11 @@ import torch
 
 import ampclip
 from ampclip import reference
-from helpers import bitwise_equal, clone_all, random_grads, rel_close
+from helpers import CPU_BACKENDS, bitwise_equal, clone_all, random_grads, rel_close
 
 # Small sizes: the Triton interpreter costs about 0.7 ms per program.
 SHAPES = [(1,), (3,), (1500,), (0,), (33, 17), (2, 3, 5), (700,)]
-BACKENDS = [name for name, ok in ampclip.ops.available_backends().items() if ok]
+BACKENDS = CPU_BACKENDS
 NORMS = [pytest.param(p, id=f"p{p}") for p in (2.0, 1.0, 3.0, math.inf)]
 
 

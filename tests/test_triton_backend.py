@@ -17,7 +17,13 @@ from ampclip import _extension, ops, reference
 from ampclip import triton_kernels as tk
 from helpers import DTYPE_MIXES, NORMS, bitwise_equal, clone_all, exact_per_tensor, random_grads
 
-pytestmark = pytest.mark.skipif(not ops.available_backends()["triton"], reason="triton backend unavailable")
+pytestmark = pytest.mark.skipif(not ops.available_backends()["triton"], reason="triton is not installed")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_tests_need_the_interpreter(request):
+    if "gpu" not in request.keywords and not ops.triton_runs_on("cpu"):
+        pytest.skip("the triton backend cannot take CPU tensors here (see ampclip.ops.triton_runs_on)")
 
 HAS_CUDA = torch.cuda.is_available()
 SMALL_CHUNK = 1024  # CPU tests: a 4097-element tensor is 5 programs, the last one holding 1 element
