@@ -20,9 +20,30 @@
 namespace ampclip {
 namespace {
 
-// Clips of at least this many elements (about 1 ms on one core) let other Python threads, a data loader's
-// for one, run meanwhile. Below it, taking a reference to every gradient would cost more than it frees.
+// Passes over at least this many elements (about 1 ms on one core) let other Python threads, a data
+// loader's for one, run meanwhile. Below it, taking a reference to every tensor would cost more than it frees.
 constexpr int64_t kReleaseGilFrom = 1 << 20;
+
+// Runs fn(), without the GIL when the gradients are large. hold() lists the tensors to keep alive for the
+// time: without the GIL another thread could drop the last reference to one mid-pass.
+template <typename Hold, typename Fn>
+auto run_releasing_gil_if_large(const CpuGrads& grads, Hold hold, Fn fn) {
+  int64_t numel = 0;
+  for (const auto& span : grads.spans) numel += span.numel;
+  if (numel < kReleaseGilFrom) return fn();
+  const std::vector<at::Tensor> held = hold();
+  pybind11::gil_scoped_release no_gil;
+  return fn();
+}
+
+// The tensors of a list or tuple that gather_list accepted, for run_releasing_gil_if_large.
+std::vector<at::Tensor> tensors_of(PyObject* seq) {
+  std::vector<at::Tensor> out;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i) {
+    out.push_back(THPVariable_Unpack(PySequence_Fast_GET_ITEM(seq, i)));
+  }
+  return out;
+}
 
 // A plain tensor: Tensor or Parameter, with no Python dispatch key (a tensor subclass or a fake tensor).
 bool is_plain(PyObject* obj) {
@@ -69,7 +90,8 @@ PyObject* norm_pass(PyObject* /*module*/, PyObject* const* args, Py_ssize_t narg
       !gather_list(args[0], /*writable=*/false, "ampclip norm_pass", grads)) {
     Py_RETURN_NONE;
   }
-  auto [norms, total, found_inf] = norm_pass_cpu(grads, inv_scale, norm_type);
+  auto [norms, total, found_inf] = run_releasing_gil_if_large(
+      grads, [&] { return tensors_of(args[0]); }, [&] { return norm_pass_cpu(grads, inv_scale, norm_type); });
   return PyTuple_Pack(3, THPVariable_Wrap(std::move(norms)), THPVariable_Wrap(std::move(total)),
                       THPVariable_Wrap(std::move(found_inf)));
   END_HANDLE_TH_ERRORS
@@ -97,7 +119,9 @@ PyObject* scale_pass(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nar
       !gather_list(args[0], /*writable=*/true, "ampclip scale_pass", grads)) {
     Py_RETURN_NONE;
   }
-  scale_pass_cpu(grads, *coef, inv_scale, clip_value, found_inf, zero_if_inf != 0);
+  run_releasing_gil_if_large(grads, [&] { return tensors_of(args[0]); }, [&] {
+    scale_pass_cpu(grads, *coef, inv_scale, clip_value, found_inf, zero_if_inf != 0);
+  });
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }
@@ -141,22 +165,16 @@ PyObject* clip_params(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
   }
   if (grads.spans.empty()) Py_RETURN_NONE;
 
-  int64_t numel = 0;
-  for (const auto& span : grads.spans) numel += span.numel;
-  if (numel < kReleaseGilFrom) return THPVariable_Wrap(clip_grad_norm_cpu(grads, max_norm, norm_type));
-
-  // Without the GIL another thread could replace a `.grad` and free it mid-clip: hold every gradient.
-  std::vector<at::Tensor> held;
-  held.reserve(grads.spans.size());
-  for (Py_ssize_t i = 0; i < count; ++i) {
-    const at::Tensor& grad = THPVariable_Unpack(items[i]).grad();
-    if (grad.defined()) held.push_back(grad);
-  }
-  at::Tensor total;
-  {
-    pybind11::gil_scoped_release no_gil;
-    total = clip_grad_norm_cpu(grads, max_norm, norm_type);
-  }
+  const auto gradients = [&] {
+    std::vector<at::Tensor> out;
+    for (Py_ssize_t i = 0; i < count; ++i) {
+      const at::Tensor& grad = THPVariable_Unpack(items[i]).grad();
+      if (grad.defined()) out.push_back(grad);
+    }
+    return out;
+  };
+  at::Tensor total = run_releasing_gil_if_large(
+      grads, gradients, [&] { return clip_grad_norm_cpu(grads, max_norm, norm_type); });
   return THPVariable_Wrap(std::move(total));
   END_HANDLE_TH_ERRORS
 }
@@ -196,8 +214,8 @@ PyObject* present_grads(PyObject* /*module*/, PyObject* params) {
 //
 // What a kernel table of these tensors depends on, per tensor: data pointer, element count, dtype and
 // device, and a hash of its sizes and strides. Not the tensor's identity: the new gradients a backward
-// allocates after zero_grad(set_to_none=True) usually land at the same addresses, and then the old table
-// fits them. Equal signatures mean the table still fits; comparing them is a memcmp, and the 64-bit hash
+// allocates after zero_grad(set_to_none=True) can land at the old addresses, and then the old table fits
+// them. Equal signatures mean the table still fits; comparing them is a memcmp, and the 64-bit hash
 // is the dictionary key. None when an item is not a plain tensor.
 PyObject* tensor_signature(PyObject* /*module*/, PyObject* tensors) {
   HANDLE_TH_ERRORS

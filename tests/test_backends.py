@@ -241,6 +241,43 @@ def test_cpp_direct_entries_equal_the_dispatched_ops_bit_for_bit(dtypes, norm_ty
 
 
 @needs_cpp
+def test_cpp_passes_over_a_million_elements_let_other_threads_run():
+    # A C function that keeps the GIL is never interrupted, so the counting thread advances during the call
+    # only if the kernel released it. The long switch interval keeps the interpreter from handing the GIL
+    # over in the few bytecodes between reading the counter and entering the call.
+    import sys
+    import threading
+
+    from ampclip import _C
+
+    grads = random_grads([(1 << 21,), (3000,)], (torch.float32, torch.bfloat16))
+    params, inv, coef = reference.parameters_of(grads), torch.tensor(0.5), torch.tensor(0.5)
+    calls = [lambda: _C.norm_pass(grads, inv, 2.0), lambda: _C.scale_pass(grads, coef, inv, None, None, False),
+             lambda: _C.clip_params(params, 1.0, 2.0)]
+    counter, stop = [0], threading.Event()
+
+    def count():
+        while not stop.is_set():
+            counter[0] += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.2)
+    thread = threading.Thread(target=count)
+    thread.start()
+    try:
+        advanced = []
+        for call in calls:
+            before = counter[0]
+            assert call() is not None
+            advanced.append(counter[0] - before)
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert all(n > 0 for n in advanced), advanced
+
+
+@needs_cpp
 def test_cpp_calls_under_a_dispatch_mode_go_through_the_dispatcher():
     from torch.utils._python_dispatch import TorchDispatchMode
 
