@@ -19,11 +19,12 @@ Two ops cover every clip, scale and check ampclip does:
 
 A backend is a pair of functions with these signatures (minus ``backend``): ``reference`` (pure PyTorch,
 any device), ``cpp`` (the compiled extension ``ampclip._C``: CPU, and CUDA when built with it) and
-``triton`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
+``triton`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``: see :func:`triton_runs_on`).
 
 Both ops are ``torch.library`` custom ops with fake implementations, so they trace under
 ``torch.compile(fullgraph=True)``. In eager mode the Python wrappers below call the backend directly: the
-custom-op boxing costs about 0.5 µs per tensor, which on 10,000 tiny gradients is more than the clip itself.
+custom-op boxing costs about 0.5 µs per tensor, which on 10,000 tiny gradients is more than the clip itself
+(the ``cpp`` backend skips the dispatcher too, see csrc/python_entry.cpp).
 """
 
 from __future__ import annotations

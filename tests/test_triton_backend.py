@@ -7,6 +7,7 @@ sizes on CUDA (GPT-2 1.5B shapes, 10,000 tensors, a tensor past 2^31 elements, t
 """
 
 import gc
+import importlib
 import math
 import time
 
@@ -330,6 +331,19 @@ def test_table_sees_a_changed_view_under_the_same_pointer():
     grads[1].resize_(20)  # a smaller resize keeps the pointer
     per_tensor, total, _ = norm(grads)
     assert_norms(per_tensor, total, grads, 2.0, None, 1e-5)
+
+
+def test_a_table_used_in_a_cuda_graph_capture_outlives_the_cache(monkeypatch):
+    tensor_table_module = importlib.import_module("ampclip.triton_kernels.tensor_table")
+    grads = [torch.randn(300), torch.randn(70)]
+    table = tk.tensor_table(grads)  # built before capture, as a capture cannot copy host to device
+    monkeypatch.setattr(tensor_table_module, "_capturing", lambda grads: True)
+    assert tk.tensor_table(grads) is table  # the lookup inside the capture
+    monkeypatch.undo()
+    for i in range(tk.cache_info()["max"] + 1):  # evicts it from the lookup cache
+        tk.tensor_table([torch.randn(i + 1)])
+    tk.clear_cache()
+    assert any(t is table for t in tensor_table_module._captured.values())
 
 
 def test_table_cache_without_the_extension(monkeypatch):

@@ -55,7 +55,7 @@ from .. import _extension
 
 CHUNK = 32768  # elements per program: 64 KiB of fp16, 32 iterations of a 1024-wide block, enough to hide
 # a program's start-up; GPT-2 1.5B (1.56e9 elements) is ~48K programs, plenty for 132 SMs.
-CACHE_SIZE = 64  # distinct gradient lists kept; a captured CUDA graph reads its table, so keep this roomy
+CACHE_SIZE = 64  # distinct gradient lists kept (tables used in a CUDA-graph capture are kept apart)
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _data_ptr = torch.Tensor.data_ptr
 
@@ -125,7 +125,14 @@ class TensorTable:
 
 
 _cache: "OrderedDict[tuple, TensorTable]" = OrderedDict()
+# Tables looked up while a CUDA graph was being captured: the graph reads their device buffers at every
+# replay, so neither the cache's eviction nor a tensor's death may free them.
+_captured: dict[tuple, TensorTable] = {}
 _builds = 0
+
+
+def _capturing(grads: list[torch.Tensor]) -> bool:
+    return grads[0].is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def tensor_table(grads: list[torch.Tensor], chunk: int = CHUNK) -> TensorTable:
@@ -148,6 +155,8 @@ def tensor_table(grads: list[torch.Tensor], chunk: int = CHUNK) -> TensorTable:
     table: Optional[TensorTable] = _cache.get(key)
     if table is not None and table.signature == signature:
         _cache.move_to_end(key)
+        if _capturing(grads):
+            _captured[key] = table  # every replay of the graph reads this table: never free it
         return table
     table = TensorTable(key, signature, grads, chunk, watch_lifetimes=compiled is None)
     global _builds
@@ -161,10 +170,10 @@ def tensor_table(grads: list[torch.Tensor], chunk: int = CHUNK) -> TensorTable:
 
 def clear_cache() -> None:
     """Forgets every cached table (needed only after changing a live gradient's size, dtype or strides in
-    place without moving its data)."""
+    place without moving its data). Tables that a captured CUDA graph reads stay alive."""
     _cache.clear()
 
 
 def cache_info() -> dict:
     """How many tables are cached and how many were built since import, for tests and debugging."""
-    return {"tables": len(_cache), "max": CACHE_SIZE, "builds": _builds}
+    return {"tables": len(_cache), "max": CACHE_SIZE, "builds": _builds, "captured": len(_captured)}
