@@ -156,11 +156,7 @@ PyObject* clip_params(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
     if (!THPVariable_CheckExact(items[i])) Py_RETURN_NONE;  // a subclass's .grad may mean something else
     const at::Tensor& grad = THPVariable_Unpack(items[i]).grad();
     if (!grad.defined()) continue;
-    const auto dtype = grad.scalar_type();
-    const bool plain = grad.layout() == at::kStrided && grad.device().is_cpu() &&
-                       !grad.key_set().has(c10::DispatchKey::Python) &&
-                       (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble);
-    if (!plain) Py_RETURN_NONE;
+    if (!is_kernel_grad(grad) || grad.key_set().has(c10::DispatchKey::Python)) Py_RETURN_NONE;
     grads.add(grad, /*writable=*/true);
   }
   if (grads.spans.empty()) Py_RETURN_NONE;

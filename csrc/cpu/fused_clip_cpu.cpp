@@ -314,11 +314,18 @@ inline void scale_floats(float* x, int64_t n, float inv, float coef) {
   for (int64_t i = kStreams * per_stream; i < n; ++i) x[i] = x[i] * inv * coef;
 }
 
+// bfloat16 x <- x * inv * coef on raw bits, one value at a time.
+void scale_bf16_portable(uint16_t* __restrict bits, int64_t n, float inv, float coef) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t wide = static_cast<uint32_t>(bits[i]) << 16;
+    float u;
+    std::memcpy(&u, &wide, sizeof(u));
+    bits[i] = narrow_bf16(u * inv * coef);
+  }
+}
+
 #ifdef AMPCLIP_X86
-// bfloat16 x <- x * inv * coef, sixteen values a step with AVX2: the compiler's own vectorisation of the
-// loop below spends most of its time in shuffles (GPT-2-124M: 22 ms against 15 ms for float16's F16C).
-// unpack/packus work within 128-bit lanes, so the order of the sixteen values survives the round trip.
-// Eight floats to bfloat16 bits (in the low half of each 32-bit lane): narrow_bf16 below, 8 at a time.
+// Eight floats to bfloat16 bits (in the low half of each 32-bit lane): narrow_bf16, 8 at a time.
 __attribute__((target("avx2"))) inline __m256i narrow_bf16_avx2(__m256 u) {
   const __m256i b = _mm256_castps_si256(u);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
@@ -327,6 +334,9 @@ __attribute__((target("avx2"))) inline __m256i narrow_bf16_avx2(__m256 u) {
   return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
 }
 
+// bfloat16 x <- x * inv * coef, sixteen values a step with AVX2: the compiler's own vectorisation of the
+// portable loop spends most of its time in shuffles (GPT-2-124M: 31 ms against 22 ms with this).
+// unpack/packus work within 128-bit lanes, so the order of the sixteen values survives the round trip.
 __attribute__((target("avx2"))) void scale_bf16_avx2(uint16_t* bits, int64_t n, float inv, float coef) {
   const __m256 vinv = _mm256_set1_ps(inv);
   const __m256 vcoef = _mm256_set1_ps(coef);
@@ -341,26 +351,15 @@ __attribute__((target("avx2"))) void scale_bf16_avx2(uint16_t* bits, int64_t n, 
     const __m256i narrow_hi = narrow_bf16_avx2(_mm256_mul_ps(_mm256_mul_ps(hi, vinv), vcoef));
     _mm256_storeu_si256(p, _mm256_packus_epi32(narrow_lo, narrow_hi));
   }
-  for (; i < n; ++i) {
-    const uint32_t wide = static_cast<uint32_t>(bits[i]) << 16;
-    float u;
-    std::memcpy(&u, &wide, sizeof(u));
-    bits[i] = narrow_bf16(u * inv * coef);
-  }
+  scale_bf16_portable(bits + i, n - i, inv, coef);
 }
 #endif
 
-// bfloat16 x <- x * inv * coef on raw bits.
-void scale_bf16(uint16_t* __restrict bits, int64_t n, float inv, float coef) {
+void scale_bf16(uint16_t* bits, int64_t n, float inv, float coef) {
 #ifdef AMPCLIP_X86
   if (has_avx2()) return scale_bf16_avx2(bits, n, inv, coef);
 #endif
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t wide = static_cast<uint32_t>(bits[i]) << 16;
-    float u;
-    std::memcpy(&u, &wide, sizeof(u));
-    bits[i] = narrow_bf16(u * inv * coef);
-  }
+  scale_bf16_portable(bits, n, inv, coef);
 }
 
 // x <- clamp(x * inv, -clip, clip) * coef, rounded once. Written as compares and selects so that the float
@@ -571,12 +570,19 @@ at::Tensor clip_grad_norm_dispatched(at::TensorList grads, double max_norm, doub
 
 }  // namespace
 
+static bool is_kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+bool is_kernel_grad(const at::Tensor& g) {
+  return g.layout() == at::kStrided && g.device().is_cpu() && is_kernel_dtype(g.scalar_type());
+}
+
 void check_grad(const at::Tensor& g, size_t index, const char* op) {
   TORCH_CHECK(g.layout() == at::kStrided, op, ": gradient ", index, " is not dense (layout ", g.layout(), ")");
   TORCH_CHECK(g.device().is_cpu(), op, ": gradient ", index, " is on ", g.device(), ", expected the CPU");
-  const auto t = g.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble, op, ": gradient ",
-              index, " has dtype ", t, "; expected float16, bfloat16, float32 or float64");
+  TORCH_CHECK(is_kernel_dtype(g.scalar_type()), op, ": gradient ", index, " has dtype ", g.scalar_type(),
+              "; expected float16, bfloat16, float32 or float64");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_pass_cpu(const CpuGrads& grads,

@@ -1,4 +1,4 @@
-// The CPU kernels' view of a list of gradients, and the entry that is called from C++ outside the
+// The CPU kernels' view of a list of gradients, and the entries that are called from C++ outside the
 // dispatcher (csrc/python_entry.cpp).
 #pragma once
 
@@ -33,7 +33,9 @@ struct CpuGrads {
   void add(const at::Tensor& grad, bool writable);
 };
 
-// Throws (a RuntimeError in Python) unless g is a dense CPU float16/bfloat16/float32/float64 tensor.
+// Whether the kernels take g: a dense CPU float16/bfloat16/float32/float64 tensor.
+bool is_kernel_grad(const at::Tensor& g);
+// Throws (a RuntimeError in Python) naming what is wrong unless is_kernel_grad(g).
 void check_grad(const at::Tensor& g, size_t index, const char* op);
 
 // The ops of ampclip/ops.py on gathered gradients (see there for the contract).
