@@ -15,8 +15,8 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["ampclip", "ampclip.triton_kernels"]
-PACKAGE_DIR = {"ampclip": "ampclip", "ampclip.triton_kernels": "triton_kernels"}
+PACKAGES = ["ampclip", "ampclip.backends", "ampclip.triton_kernels"]
+PACKAGE_DIR = {"ampclip": "ampclip", "ampclip.backends": "ampclip/backends", "ampclip.triton_kernels": "triton_kernels"}
 
 
 def _extensions():

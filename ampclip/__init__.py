@@ -6,7 +6,7 @@ Drop-in replacements for ``torch.nn.utils.clip_grad_norm_`` and friends::
     total_norm = ampclip.clip_grad_norm_(model.parameters(), max_norm=1.0)
 """
 
-from . import ops, reference
+from . import ops, reference, strategies
 from .clipper import ClipStats, FusedClipper
 from .clipping import (
     RECOMMENDED_CLIPPING_THRESHOLDS,
@@ -22,6 +22,7 @@ from .functional import (
     clip_grads_with_norm_,
     compute_gradient_norm,
     get_total_norm,
+    is_patched,
     patch_torch,
     unpatch_torch,
 )
@@ -58,9 +59,11 @@ __all__ = [
     "clip_grads_with_norm_",
     "compute_gradient_norm",
     "get_total_norm",
+    "is_patched",
     "ops",
     "patch_torch",
     "reference",
     "run_training_epoch",
+    "strategies",
     "unpatch_torch",
 ]

@@ -1,4 +1,5 @@
-"""``python -m ampclip {env,demo,compare,bench}`` (also the ``ampclip`` console script)."""
+"""``python -m ampclip {env,demo,compare}`` (also the ``ampclip`` console script). The benchmark harness
+lives in the source tree's ``benchmarks/`` (``make bench``)."""
 
 from __future__ import annotations
 
@@ -100,12 +101,6 @@ def _compare(args) -> int:
     return 0 if agree else 1
 
 
-def _bench(args, rest) -> int:
-    from . import benchmark
-
-    return benchmark.main(rest)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ampclip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,12 +114,7 @@ def main(argv=None) -> int:
     compare.add_argument("--scale", type=int, default=1, help="divide every tensor's leading dim by this")
     compare.add_argument("--max-norm", type=float, default=None, help="default: half the gradients' norm")
     compare.add_argument("--reps", type=int, default=10)
-    sub.add_parser("bench", help="benchmarks against torch.nn.utils (see `ampclip bench --help`)", add_help=False)
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        return _bench(args, rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main
 

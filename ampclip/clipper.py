@@ -8,26 +8,29 @@ Bytes moved per step, N being the gradient bytes (see docs/clipper.md):
 * deferred (``defer_to=optimizer``): pass 1 only, N. ``loss_scale / coef`` and ``found_inf`` go to a fused
   torch optimizer through ``optimizer.grad_scale`` / ``optimizer.found_inf``, the attributes torch's own
   GradScaler uses, and the optimizer applies them while it reads the gradients anyway.
-* ``value_clip``: the clamp changes the norms, so it runs first as its own pass (one more read and write).
+* ``value_clip``: the clamp is applied inside both passes (after the inf/NaN check, before the norm), so it
+  costs no extra pass.
+
+What to clip to comes from a strategy (:mod:`ampclip.strategies`): a fixed norm bound by default, AutoClip,
+a value clamp, or one of your own. A step is three device ops (norm pass, clip_finalize, scale pass),
+whatever the number of tensors.
 """
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
-from . import _extension, ops, reference
+from . import ops
 from .distributed import local_shards, reduce_norms
-from .functional import _checked_bound, _checked_norm_type, _validated
-from .ops import clip_coef
+from .strategies import BoundOverride, ClipStrategy, NormClip, StepNorms
 
 __all__ = ["ClipStats", "FusedClipper"]
 
-MODES = ("global", "per_tensor", "per_group")
+MODES = tuple(ops.MODES)
 NONFINITE_ACTIONS = ("leave", "zero")
 
 
@@ -36,7 +39,8 @@ class ClipStats:
     """What one clip saw, as device tensors: reading them costs no host sync until you ask.
 
     * ``total_norm``: 0-d, the norm of all unscaled gradients before clipping (after ``value_clip``).
-    * ``clip_coef``: 0-d in global mode, one per gradient in per-tensor mode, one per group in per-group mode.
+    * ``clip_coef``: 0-d in global mode, one per gradient in per-tensor mode, one per group in per-group mode
+      (the coefficient a norm needs; a step with found_inf set is not clipped but skipped).
     * ``post_clip_norm``: 0-d, the total norm after clipping.
     * ``found_inf``: 0-d float32, 1.0 when an unscaled gradient held inf or NaN.
     * ``per_tensor_norms``: one pre-clip norm per gradient that existed, in parameter order.
@@ -89,18 +93,23 @@ class FusedClipper:
     Args:
         parameters: parameters, ``named_parameters()`` pairs (names appear in the stats), or optimizer
             param groups (dicts with ``"params"``; they become the groups of per-group mode).
-        max_norm: the norm bound, >= 0.
+        max_norm: the norm bound, >= 0 (ignored when ``strategy`` is given).
         norm_type: any p > 0, or inf.
         mode: ``"global"`` (one norm over everything, like ``clip_grad_norm_``), ``"per_tensor"`` (each
             gradient clipped to its own norm) or ``"per_group"`` (one norm per group).
         groups: for per-group mode, a sequence of groups, each a sequence of parameters or names.
-        value_clip: clamp every unscaled element to ``[-value_clip, value_clip]`` before the norm clip.
+        value_clip: clamp every unscaled element to ``[-value_clip, value_clip]`` (or a ``(min, max)`` pair)
+            before the norm clip; the inf/NaN check sees the values before the clamp.
         flatten: re-home every ``.grad`` as a view into one contiguous buffer per dtype; backward then
             accumulates into it and ``zero_grad`` is one fill (use ``zero_grad`` of this clipper or
             ``optimizer.zero_grad(set_to_none=False)`` to keep the views).
         backend: ``None``/"auto", "cpp", "triton" or "reference" (see ``ampclip.backend()``).
         on_nonfinite: when a gradient holds inf/NaN, ``"leave"`` the gradients as they are (the step is
             to be skipped) or ``"zero"`` them.
+        strategy: a :class:`ampclip.strategies.ClipStrategy` deciding the bound (its mode and value clamp
+            replace ``max_norm``, ``mode`` and ``value_clip``).
+        eps, coef_rule: the coefficient is ``min(1, max_norm / (norm + eps))`` (``coef_rule="torch"``, eps
+            1e-6 as torch) or ``max_norm / max(norm + eps, max_norm)`` (``"max"``).
 
     Example::
 
@@ -119,36 +128,59 @@ class FusedClipper:
         norm_type: float = 2.0,
         mode: str = "global",
         groups: Optional[Sequence[Sequence]] = None,
-        value_clip: Optional[float] = None,
+        value_clip=None,
         flatten: bool = False,
         backend: Optional[str] = None,
         on_nonfinite: str = "leave",
+        strategy: Optional[ClipStrategy] = None,
+        eps: float = ops.EPS,
+        coef_rule: str = "torch",
     ):
         params, names, param_groups = _parse_parameters(parameters)
         if not params:
             raise ValueError("FusedClipper got no parameters")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if on_nonfinite not in NONFINITE_ACTIONS:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {on_nonfinite!r}")
+        if coef_rule not in ops.RULES:
+            raise ValueError(f"coef_rule must be one of {tuple(ops.RULES)}, got {coef_rule!r}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.strategy = strategy if strategy is not None else NormClip(max_norm, mode, value_clip)
         devices = {p.device for p in params}
         if len(devices) != 1:
             raise ValueError(f"FusedClipper needs all parameters on one device, got {sorted(map(str, devices))}")
         self.device = devices.pop()
         self.backend = ops.resolve_backend(backend, self.device)
         self.params = params
-        self._all_indices = list(range(len(params)))
         self.names = names
-        self.max_norm = _checked_bound(max_norm, "max_norm")
-        self.norm_type = _checked_norm_type(norm_type)
-        self.mode = mode
-        self.value_clip = None if value_clip is None else _checked_bound(value_clip, "value_clip")
+        self.norm_type = ops.check_norm_type(norm_type)
         self.on_nonfinite = on_nonfinite
-        self._group_of_param = _group_indices(mode, groups, param_groups, params, names)
+        self.eps = float(eps)
+        self.coef_rule = coef_rule
+        self._group_of_param = _group_indices(self.mode, groups, param_groups, params, names)
         self.num_groups = 1 + max(self._group_of_param) if self._group_of_param else 0
         self._group_index_cache: dict[tuple, torch.Tensor] = {}
         self._hooked_optimizers: "weakref.WeakSet" = weakref.WeakSet()
         self._flat: Optional[_FlatBuffers] = self._flatten() if flatten else None
+        self._one = torch.ones((), device=self.device)
+        self.strategy.bind(self.device)
+
+    # The strategy's settings, read and set through the clipper.
+    @property
+    def mode(self) -> str:
+        return self.strategy.mode
+
+    @property
+    def max_norm(self) -> float:
+        return self.strategy.max_norm
+
+    @max_norm.setter
+    def max_norm(self, value: float) -> None:
+        self.strategy.max_norm = ops.check_bound(value, "max_norm")
+
+    @property
+    def value_clip(self) -> Optional[tuple[float, float]]:
+        return self.strategy.value_clip
 
     # ----------------------------------------------------------------------------------------------------
     def _flatten(self) -> _FlatBuffers:
@@ -183,25 +215,12 @@ class FusedClipper:
             p.grad = None
 
     # ----------------------------------------------------------------------------------------------------
-    def _present(self) -> tuple[list[int], list[torch.Tensor]]:
-        """(indices of the parameters with a gradient, those gradients). On 2000 parameters the Python loop
-        costs about 0.5 ms a step, the compiled one a few microseconds."""
-        found = _extension.present_grads(self.params)
-        if found is not None:
-            grads, indices = found
-            return (self._all_indices if indices is None else indices), grads
-        indices, grads = [], []
-        for i, p in enumerate(self.params):
-            if (g := p.grad) is not None:
-                indices.append(i)
-                grads.append(g)
-        return indices, grads
-
-    def _group_index(self, indices: list[int]) -> torch.Tensor:
-        key = tuple(indices)
+    def _group_index(self, indices: Optional[list[int]]) -> torch.Tensor:
+        key = None if indices is None else tuple(indices)
         cached = self._group_index_cache.get(key)
         if cached is None:
-            cached = torch.tensor([self._group_of_param[i] for i in indices], device=self.device)
+            chosen = self._group_of_param if indices is None else [self._group_of_param[i] for i in indices]
+            cached = torch.tensor(chosen, dtype=torch.int64, device=self.device)
             self._group_index_cache = {key: cached}  # the present set rarely changes: keep one entry
         return cached
 
@@ -212,28 +231,27 @@ class FusedClipper:
             tensor = getattr(inv_scale, "inv_scale", None)  # a DynamicLossScaler
             if callable(tensor):
                 tensor = tensor()
+            if tensor is None and hasattr(inv_scale, "inv_scale"):
+                return None  # a scaler that scales nothing (bf16, fp32, disabled)
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError("inv_scale must be None, a device tensor or an ampclip DynamicLossScaler")
             inv_scale = tensor
         if inv_scale.numel() != 1:
             raise ValueError(f"inv_scale must hold one element, got {inv_scale.numel()}")
-        return inv_scale.to(self.device, torch.float32, non_blocking=True).reshape(())
+        if inv_scale.device != self.device or inv_scale.dtype != torch.float32:
+            inv_scale = inv_scale.to(self.device, torch.float32, non_blocking=True)
+        return inv_scale.reshape(())
 
-    def _coefficients(self, per_tensor: torch.Tensor, total: torch.Tensor, indices: list[int], max_norm):
-        """(clip_coef as reported, coefficient per gradient, group norms)."""
-        if self.mode == "global":
-            coef = clip_coef(max_norm, total)
-            return coef, coef, None
-        if self.mode == "per_tensor":
-            coef = clip_coef(max_norm, per_tensor)
-            return coef, coef, None
-        group_index = self._group_index(indices)
-        group_norms = _group_norms(per_tensor, group_index, self.num_groups, self.norm_type)
-        coef = clip_coef(max_norm, group_norms)
-        return coef, coef[group_index], group_norms
+    def can_defer_to(self, optimizer) -> bool:
+        """Whether :meth:`clip_` can hand its coefficient to ``optimizer`` instead of rewriting the
+        gradients: a fused torch optimizer (it reads ``grad_scale`` and ``found_inf``), global mode, no
+        value clamp."""
+        return (getattr(optimizer, "_step_supports_amp_scaling", False) and self.mode == "global"
+                and self.value_clip is None)
 
     # ----------------------------------------------------------------------------------------------------
-    def clip_(self, inv_scale=None, defer_to: Optional[torch.optim.Optimizer] = None, max_norm=None) -> ClipStats:
+    def clip_(self, inv_scale=None, defer_to: Optional[torch.optim.Optimizer] = None,
+              max_norm: BoundOverride = None) -> ClipStats:
         """Unscale (when ``inv_scale`` is given), check, measure and clip the gradients.
 
         ``inv_scale`` is a device tensor (1 / loss scale) or an ampclip ``DynamicLossScaler``. With
@@ -241,8 +259,8 @@ class FusedClipper:
         optimizer gets ``grad_scale = 1 / (inv_scale * coef)`` and ``found_inf`` and applies them in its
         own read of the gradients (global mode, no ``value_clip``).
 
-        ``max_norm`` overrides the bound for this call: a number, a device tensor, or a function of the
-        pre-clip total norm returning one (how adaptive clipping sets its bound without a host sync).
+        ``max_norm`` overrides the strategy's bound for this call: a number, a device tensor, or a function
+        of the pre-clip total norm returning one.
 
         DTensor gradients (FSDP2) are measured on their local shards and reduced with one all-reduce, so
         every rank gets the global norms and the same ``found_inf``.
@@ -252,38 +270,40 @@ class FusedClipper:
         inv = self._inv_scale(inv_scale)
         if defer_to is not None:
             self._check_deferrable(defer_to)
-        indices, grads = self._present()
+        indices, grads = ops.present_grads(self.params)
         grads, shard_group = local_shards(grads)
         if not grads:
             zero = torch.zeros((), device=self.device)
             return ClipStats(zero, torch.ones((), device=self.device), zero, zero.clone(), zero.new_zeros(0), [])
-        if self.value_clip is not None:
-            # The clamp changes the norms: apply it (with the unscale) first, then measure what is left.
-            one = torch.ones((), device=self.device)
-            _validated(ops.scale_pass, grads, one, inv, self.value_clip, backend=self.backend)
-            inv = None
-        per_tensor, total, found_inf = _validated(ops.norm_pass, grads, inv, self.norm_type, backend=self.backend)
+        clamp = self.value_clip
+        per_tensor, total, found_inf = ops.norm_pass(grads, inv, self.norm_type, clamp, backend=self.backend)
         if shard_group is not None:
             per_tensor, total, found_inf = reduce_norms(per_tensor, found_inf, self.norm_type, shard_group)
-        bound = self.max_norm if max_norm is None else max_norm(total) if callable(max_norm) else max_norm
-        reported_coef, coef, group_norms = self._coefficients(per_tensor, total, indices, bound)
-        post = reference.combine_norms(per_tensor * coef, self.norm_type)
+        if max_norm is None:
+            bound = self.strategy.bound(StepNorms(total, per_tensor, found_inf))
+        else:
+            bound = max_norm(total) if callable(max_norm) else max_norm
+        group_index = self._group_index(indices) if self.mode == "per_group" else None
+        coef, group_coef, group_norms, post = ops.clip_finalize(
+            per_tensor, total, bound, self.mode, group_index, self.num_groups, self.norm_type, self.eps,
+            self.coef_rule, backend=self.backend)
         zero_if_inf = self.on_nonfinite == "zero"
         if defer_to is not None:
-            one = torch.ones((), device=self.device)
-            defer_to.grad_scale = ((one if inv is None else inv) * coef).reciprocal()
+            defer_to.grad_scale = (coef if inv is None else inv * coef).reciprocal()
             defer_to.found_inf = found_inf
-            if zero_if_inf:
-                ops.scale_pass(grads, one, None, None, found_inf, True, backend=self.backend)
+            if zero_if_inf:  # coefficient 1: nothing is written unless found_inf is set
+                ops.scale_pass(grads, self._one, None, None, found_inf, True, backend=self.backend)
         else:
             targets = grads
-            if self._flat is not None and coef.dim() == 0 and len(grads) == len(self.params) and self._flat_intact():
+            if self._flat is not None and coef.dim() == 0 and indices is None and self._flat_intact():
                 targets = self._flat.buffers  # one contiguous tensor per dtype: one sweep each
-            ops.scale_pass(targets, coef, inv, None, found_inf, zero_if_inf, backend=self.backend)
+            ops.scale_pass(targets, coef, inv, clamp, found_inf, zero_if_inf, backend=self.backend)
         names = self.names
-        if names is not None and indices is not self._all_indices:
+        if names is not None and indices is not None:
             names = [names[i] for i in indices]
-        return ClipStats(total, reported_coef, post, found_inf, per_tensor, names, group_norms)
+        reported = group_coef if self.mode == "per_group" else coef
+        return ClipStats(total, reported, post, found_inf, per_tensor, names,
+                         group_norms if self.mode == "per_group" else None)
 
     def _check_deferrable(self, optimizer) -> None:
         if not getattr(optimizer, "_step_supports_amp_scaling", False):
@@ -291,7 +311,7 @@ class FusedClipper:
                 "defer_to needs a fused torch optimizer (Adam, AdamW or SGD with fused=True) that reads "
                 f"optimizer.grad_scale and optimizer.found_inf; got {type(optimizer).__name__}"
             )
-        if self.mode != "global" or self.value_clip is not None:
+        if not self.can_defer_to(optimizer):
             raise ValueError("deferred clipping folds one coefficient into the optimizer: use mode='global' "
                              "and no value_clip")
         if optimizer not in self._hooked_optimizers:
@@ -300,16 +320,12 @@ class FusedClipper:
             self._hooked_optimizers.add(optimizer)
 
     def state_dict(self) -> dict:
-        return {"max_norm": self.max_norm, "norm_type": self.norm_type, "mode": self.mode,
-                "value_clip": self.value_clip}
+        return {**self.strategy.state_dict(), "norm_type": self.norm_type}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("mode", self.mode) != self.mode:
-            raise ValueError(f"state_dict is for mode {state['mode']!r}, this clipper is {self.mode!r}")
-        self.max_norm = _checked_bound(state["max_norm"], "max_norm")
-        self.norm_type = _checked_norm_type(state["norm_type"])
-        vc = state.get("value_clip")
-        self.value_clip = None if vc is None else _checked_bound(vc, "value_clip")
+        norm_type = ops.check_norm_type(state.get("norm_type", self.norm_type))
+        self.strategy.load_state_dict(state)
+        self.norm_type = norm_type
 
 
 def _drop_deferred_scale(optimizer, args, kwargs) -> None:
@@ -366,12 +382,3 @@ def _group_indices(mode, groups, param_groups, params, names) -> list[int]:
     if missing:
         raise ValueError(f"parameters in no group: {missing[:5]}{'...' if len(missing) > 5 else ''}")
     return group_of
-
-
-def _group_norms(per_tensor: torch.Tensor, group_index: torch.Tensor, num_groups: int, norm_type: float):
-    """Norm of each group from the per-tensor norms, on the device."""
-    if math.isinf(norm_type):
-        out = per_tensor.new_zeros(num_groups)
-        return out.scatter_reduce(0, group_index, per_tensor, reduce="amax", include_self=True)
-    powered = per_tensor.pow(norm_type)
-    return per_tensor.new_zeros(num_groups).index_add(0, group_index, powered).pow(1.0 / norm_type)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
+from . import strategies
 from .clipper import MODES
-from .clipping import RECOMMENDED_CLIPPING_THRESHOLDS, ClippingStrategy
 from .nan import STRATEGIES as NAN_STRATEGIES
+from .strategies import RECOMMENDED_CLIPPING_THRESHOLDS
 
 __all__ = ["AMPConfig", "create_default_amp_config"]
 
@@ -21,7 +22,9 @@ class AMPConfig:
       "fp32".
     * ``gradient_clip_max_norm``: None picks ``RECOMMENDED_CLIPPING_THRESHOLDS[precision]`` (fp16 1.0,
       bf16 5.0, fp32 10.0). ``gradient_clip_strategy=None`` switches clipping off.
-    * ``gradient_clip_strategy``: "norm", "value", "adaptive" or None; ``gradient_clip_mode``: "global",
+    * ``gradient_clip_strategy``: "norm", "value", "adaptive" (AutoClip), any name registered in
+      :mod:`ampclip.strategies`, or None; ``gradient_clip_options``: that strategy's own options (e.g.
+      ``{"percentile": 10.0, "history_size": 1000}`` for "adaptive"); ``gradient_clip_mode``: "global",
       "per_tensor" or "per_group".
     * ``enable_gradient_monitoring``: per-layer norms, every ``monitoring_interval`` steps to the logger.
     * loss-scaler settings, ``grad_accumulation_steps``, ``nan_recovery_strategy`` ("skip",
@@ -30,11 +33,10 @@ class AMPConfig:
 
     precision: str = "fp16"
     gradient_clip_max_norm: Optional[float] = None
-    gradient_clip_strategy: Optional[Union[str, ClippingStrategy]] = "norm"
+    gradient_clip_strategy: Optional[str] = "norm"
     gradient_clip_mode: str = "global"
     gradient_clip_value: Optional[float] = None
-    adaptive_clip_percentile: float = 10.0
-    adaptive_clip_history: int = 1000
+    gradient_clip_options: dict = field(default_factory=dict)
     enable_gradient_monitoring: bool = True
     monitoring_interval: int = 100
     init_scale: Optional[float] = None
@@ -51,22 +53,26 @@ class AMPConfig:
     def __post_init__(self):
         if self.precision not in RECOMMENDED_CLIPPING_THRESHOLDS:
             raise ValueError(f"precision must be 'fp16', 'bf16' or 'fp32', got {self.precision!r}")
-        if self.gradient_clip_strategy is not None:
-            try:
-                self.gradient_clip_strategy = ClippingStrategy(self.gradient_clip_strategy).value
-            except ValueError:
-                raise ValueError(f"gradient_clip_strategy must be 'norm', 'value', 'adaptive' or None, "
-                                 f"got {self.gradient_clip_strategy!r}") from None
         if self.gradient_clip_mode not in MODES:
             raise ValueError(f"gradient_clip_mode must be one of {MODES}, got {self.gradient_clip_mode!r}")
-        if self.gradient_clip_strategy in ("value", "adaptive") and self.gradient_clip_mode != "global":
-            raise ValueError(f"gradient_clip_mode={self.gradient_clip_mode!r} applies to the 'norm' strategy only")
-        if self.gradient_clip_max_norm is None and self.gradient_clip_strategy != "adaptive":
-            self.gradient_clip_max_norm = RECOMMENDED_CLIPPING_THRESHOLDS[self.precision]
         for name in ("gradient_clip_max_norm", "gradient_clip_value"):
             value = getattr(self, name)
-            if value is not None and (math.isnan(value) or value < 0):
+            if isinstance(value, (int, float)) and (math.isnan(value) or value < 0):
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.gradient_clip_strategy is not None:
+            name = getattr(self.gradient_clip_strategy, "value", self.gradient_clip_strategy)
+            if name not in strategies.STRATEGIES:
+                raise ValueError(f"gradient_clip_strategy must be one of {sorted(strategies.STRATEGIES)} or None, "
+                                 f"got {self.gradient_clip_strategy!r}")
+            try:  # building the strategy checks the rest: the mode and the strategy's own options
+                strategy = self.clip_strategy()
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"gradient_clip_strategy {name!r}: {exc}") from None
+            self.gradient_clip_strategy = strategy.name
+            if self.gradient_clip_max_norm is None and math.isfinite(strategy.max_norm):
+                self.gradient_clip_max_norm = strategy.max_norm  # the precision's recommended threshold
+        elif self.gradient_clip_options:
+            raise ValueError("gradient_clip_options were given but gradient_clip_strategy is None")
         if self.grad_accumulation_steps < 1 or self.monitoring_interval < 1:
             raise ValueError("grad_accumulation_steps and monitoring_interval must be >= 1")
         if self.nan_recovery_strategy not in NAN_STRATEGIES:
@@ -76,6 +82,11 @@ class AMPConfig:
             raise ValueError(f"defer_clip must be True, False or 'auto', got {self.defer_clip!r}")
         if self.precision != "fp16" and self.init_scale not in (None, 1.0):
             raise ValueError(f"loss scaling is for fp16; precision {self.precision!r} keeps the scale at 1")
+
+    def clip_strategy(self) -> strategies.ClipStrategy:
+        """The clipping strategy these settings describe (a new object each call)."""
+        return strategies.create(self.gradient_clip_strategy, self.precision, self.gradient_clip_max_norm,
+                                 self.gradient_clip_value, self.gradient_clip_mode, **self.gradient_clip_options)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import reference
+from . import ops
 
 
 def _dtensor_type():
@@ -43,17 +43,19 @@ def local_shards(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], Optiona
 
 def reduce_norms(per_tensor: torch.Tensor, found_inf: torch.Tensor, norm_type: float, group):
     """Global per-tensor norms, total norm and found_inf from the local ones: one all-reduce of
-    ``len(per_tensor) + 1`` floats (SUM of |g|^p, MAX for the inf-norm; found_inf rides along)."""
+    ``len(per_tensor) + 1`` float64 values (SUM of |g|^p, MAX for the inf-norm; found_inf rides along).
+    float64, because the p-th powers of float32 norms can overflow float32 (a norm of 1e20 squared)."""
     import torch.distributed as dist
 
-    flag = found_inf.reshape(1).to(per_tensor.dtype)
+    flag = found_inf.reshape(1).double()
     if math.isinf(norm_type):
-        packed = torch.cat([per_tensor, flag])
+        packed = torch.cat([per_tensor.double(), flag])
         dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
         norms = packed[:-1]
     else:
-        packed = torch.cat([per_tensor.pow(norm_type), flag])
+        packed = torch.cat([per_tensor.double().pow(norm_type), flag])
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
         norms = packed[:-1].pow(1.0 / norm_type)
     found = (packed[-1] != 0).to(torch.float32)
-    return norms, reference.combine_norms(norms, norm_type), found
+    norms = norms.to(per_tensor.dtype)
+    return norms, ops.combine_norms(norms, norm_type), found

@@ -1,266 +1,593 @@
-"""The op contract: the one place every backend plugs into.
+"""The op contract, and the only way from the public layer down to a kernel.
 
-Two ops cover every clip, scale and check ampclip does:
+Checks, the clip coefficient, the combination of norms, the gathering of gradients and the choice of
+backend live here once; the public layer (``functional``, ``clipper``, ``scaler``, ``clipping``, ``trainer``,
+``distributed``) calls these functions and nothing below them.
 
-``ampclip::norm_pass(Tensor[] grads, Tensor? inv_scale, float norm_type, str backend)
+Two gradient passes cover every clip, scale and check ampclip does:
+
+``ampclip::norm_pass(Tensor[] grads, Tensor? inv_scale, float norm_type, float[]? clamp, str backend)
     -> (Tensor per_tensor_norms, Tensor total_norm, Tensor found_inf)``
-    One read of every gradient. Each element is unscaled on the fly (``g * inv_scale``, ``inv_scale`` a
-    device tensor), checked for inf/NaN and accumulated in float32 (float64 for float64 gradients).
-    ``per_tensor_norms`` has one entry per gradient; ``total_norm`` is 0-d; both are float32, or float64
-    when any gradient is float64. ``found_inf`` is a 0-d float32, 1.0 exactly when some unscaled element
-    is inf or NaN. norm_type is any p > 0 or inf.
+    One read of every gradient. Each element is unscaled on the fly (``u = g * inv_scale``, ``inv_scale`` a
+    device tensor) and checked: ``found_inf`` (0-d float32) is 1.0 exactly when some u is inf or NaN. Then
+    ``u`` is clamped to ``clamp = [lo, hi]`` when given (the check sees u before the clamp, so a clamp never
+    hides an overflow) and accumulated in float32 (float64 when any gradient is float64). ``per_tensor_norms``
+    has one entry per gradient; ``total_norm`` is 0-d; both are float32, or float64 when any gradient is
+    float64, and right whenever they are representable (a float32 sum of squares that overflows is taken
+    again in float64). norm_type is any p > 0 or inf.
 
-``ampclip::scale_pass(Tensor(a!)[] grads, Tensor coef, Tensor? inv_scale, float? clip_value,
-    Tensor? found_inf, bool zero_if_inf, str backend) -> ()``
-    In place ``g <- clamp(g * inv_scale, -clip_value, clip_value) * coef``: the value clamp first, then the
-    norm clip. ``coef`` is a device tensor, 0-d or one entry per gradient. When ``found_inf`` is non-zero
-    the gradients are zeroed (``zero_if_inf``) or left untouched. Backends skip the write when the
-    coefficient is 1 and there is neither unscale nor clamp.
+``ampclip::scale_pass(Tensor(a!)[] grads, Tensor coef, Tensor? inv_scale, float[]? clamp, Tensor? found_inf,
+    bool zero_if_inf, str backend) -> ()``
+    In place ``g <- clamp(g * inv_scale, lo, hi) * coef``. ``coef`` is a device tensor, 0-d or one entry
+    per gradient. When ``found_inf`` is non-zero the gradients are zeroed (``zero_if_inf``) or left
+    untouched. Backends skip the write when the coefficient is 1 and there is neither unscale nor clamp.
+    Gradients that share memory are scaled one after the other, as torch's per-tensor ``mul_`` does.
 
-A backend is a pair of functions with these signatures (minus ``backend``): ``reference`` (pure PyTorch,
-any device), ``cpp`` (the compiled extension ``ampclip._C``: CPU, and CUDA when built with it) and
-``triton`` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``: see :func:`triton_runs_on`).
+Three small ops do a step's bookkeeping on the device, in one call each whatever the number of tensors:
 
-Both ops are ``torch.library`` custom ops with fake implementations, so they trace under
-``torch.compile(fullgraph=True)``. In eager mode the Python wrappers below call the backend directly: the
-custom-op boxing costs about 0.5 µs per tensor, which on 10,000 tiny gradients is more than the clip itself
-(the ``cpp`` backend skips the dispatcher too, see csrc/python_entry.cpp).
+``ampclip::clip_finalize(per_tensor, total, max_norm, max_norm_tensor?, mode, group_index?, num_groups,
+    norm_type, eps, rule, backend) -> (coef, group_coef, group_norms, post_clip_norm)``
+    The clip coefficient of the global norm (mode 0, ``coef`` 0-d), of each tensor (mode 1) or of each
+    group (mode 2: ``group_norms``, ``group_coef`` per group, ``coef`` per tensor), and the norm after
+    clipping. rule 0 is torch's ``min(1, max_norm / (norm + eps))``, rounded as torch rounds it; rule 1 is
+    ``max_norm / max(norm + eps, max_norm)``.
+``ampclip::scaler_update(Tensor(a!) state, Tensor(b!) history, ...)``: one dynamic loss-scale update
+    (backoff, growth, hysteresis, bounds) and its history entry.
+``ampclip::clip_stats_update(Tensor(a!) counters, Tensor(b!)? layer_stats, ...)``: clipped and skipped counts
+    and per-layer norm statistics.
+
+Every op is a ``torch.library`` custom op with a fake, so it traces under ``torch.compile(fullgraph=True)``
+and a dispatch mode sees it as one op. In eager mode the functions below call the chosen backend's adapter
+directly (custom-op boxing costs about 0.5 us per tensor, more than the clip itself on 10,000 tiny
+gradients); an adapter that cannot take its input directly (tensor subclasses, dispatch modes) answers
+``NotImplemented`` and the registered op runs instead. A backend is an adapter in ``ampclip/backends/``.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Callable, NamedTuple, Optional
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
-from . import _extension, reference
+from . import backends
+from .backends import cpp as _cpp
 
 __all__ = [
     "BACKENDS",
     "EPS",
+    "MODES",
+    "RULES",
+    "SUPPORTED_DTYPES",
+    "accumulation_dtype",
     "available_backends",
     "backend",
+    "by_device",
+    "check_backend",
+    "check_bound",
+    "check_clamp",
+    "check_grads",
+    "check_norm_type",
     "clip_coef",
+    "clip_finalize",
     "clip_grad_norm",
+    "clip_parameters",
+    "clip_stats_update",
+    "combine_groups",
+    "combine_norms",
+    "grads_of",
     "norm_pass",
+    "present_grads",
+    "raise_if_nonfinite",
     "resolve_backend",
+    "runs_on",
+    "scale_by",
     "scale_pass",
-    "triton_runs_on",
+    "scaler_update",
+    "total_norm",
 ]
 
-BACKENDS = ("reference", "cpp", "triton")
+BACKENDS = backends.NAMES
 EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s eps, kept for identical coefficients
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MODES = {"global": 0, "per_tensor": 1, "per_group": 2}
+RULES = {"torch": 0, "max": 1}  # min(1, m / (n + eps)), and m / max(n + eps, m)
+ENV_BACKEND = "AMPCLIP_BACKEND"  # forces a backend where the caller asks for none (to debug a patched run)
+
+Clamp = Optional[tuple[float, float]]
+
+# The layouts the small ops read and write. A loss scaler's state: float32 [4] (the trackers are small
+# integers, exact in float32 up to 2^24); its history: float32 [3, history_size].
+SCALE, INV_SCALE, GROWTH_TRACKER, HYSTERESIS_TRACKER = range(4)
+HISTORY_ROWS = ("scale", "found_inf", "grad_norm")
+# Clip statistics: counters float64 [2]; per-layer statistics float64 [3, tensors].
+CLIPPED, SKIPPED = range(2)
+LAYER_SUM, LAYER_MAX, LAYER_LAST = range(3)
 
 
-class _Backend(NamedTuple):
-    norm_pass: Callable
-    scale_pass: Callable
-    clip_grad_norm: Optional[Callable] = None  # the whole clip in one call, where a backend has it
+# --------------------------------------------------------------------------------------------------------
+# the contract's arithmetic
 
 
-def _load_reference() -> _Backend:
-    return _Backend(reference.norm_pass, reference.scale_pass)
+def accumulation_dtype(tensors) -> torch.dtype:
+    """float64 when any tensor is float64, else float32: the dtype of every norm ampclip returns."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _load_cpp() -> Optional[_Backend]:
-    if not _extension.AVAILABLE:
-        return None
-    return _Backend(_extension.norm_pass, _extension.scale_pass, _extension.clip_grad_norm)
+def combine_groups(norms: torch.Tensor, group_index: torch.Tensor, num_groups: int, norm_type: float):
+    """``out[g]``: the p-norm of ``norms[group_index == g]`` (0 for an empty group), in ``norms``' dtype.
+
+    Computed in float64 and scaled by the largest norm, so partial norms whose p-th powers overflow still
+    combine (the p-norm of p-norms is the p-norm of all their elements; the max for the inf-norm). NaN
+    propagates. Device ops only: no host sync.
+    """
+    wide = norms.double()
+    if math.isinf(norm_type):
+        out = wide.new_zeros(num_groups).scatter_reduce(0, group_index, wide, reduce="amax", include_self=True)
+        nan = wide.new_zeros(num_groups).index_add(0, group_index, wide.isnan().double()) > 0
+        return torch.where(nan, math.nan, out).to(norms.dtype)
+    peak = wide.abs().amax() if wide.numel() else wide.new_zeros(())
+    scale = torch.where((peak > 0) & peak.isfinite(), peak, torch.ones_like(peak))
+    sums = wide.new_zeros(num_groups).index_add(0, group_index, (wide / scale).abs().pow(norm_type))
+    return (sums.pow(1.0 / norm_type) * scale).to(norms.dtype)
 
 
-def _load_triton() -> Optional[_Backend]:
+def combine_norms(norms: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """The p-norm of a 1-D tensor of partial norms (per tensor, per device or per rank); 0 when empty.
+    See :func:`combine_groups`."""
+    if norms.numel() == 0:
+        return norms.new_zeros(())
+    return combine_groups(norms, torch.zeros(norms.shape, dtype=torch.int64, device=norms.device), 1, norm_type)[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# checks: a clear error before anything is modified
+
+
+def check_norm_type(norm_type) -> float:
+    """norm_type as a float: any p > 0, or inf."""
     try:
-        from . import triton_kernels
+        p = float(norm_type)
+    except (TypeError, ValueError):
+        raise ValueError(f"norm_type must be a number > 0 or inf, got {norm_type!r}") from None
+    if math.isnan(p) or p <= 0:
+        raise ValueError(f"norm_type must be a number > 0 or inf, got {norm_type!r}")
+    return p
 
-        return _Backend(triton_kernels.fused_norm_triton, triton_kernels.fused_scale_triton)
-    except Exception:  # triton missing or too old: the other backends still work
+
+def check_bound(value, name: str) -> float:
+    """max_norm or a clip value as a float >= 0 (inf allowed): a negative one would flip the gradients."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number, got a tensor of {value.numel()} elements")
+        value = value.item()
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if math.isnan(v) or v < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r} (a negative bound would reverse the gradients)")
+    return v
+
+
+def check_clamp(value, name: str = "value_clip") -> Clamp:
+    """A value clamp as ``(lo, hi)``: None, a number c >= 0 for ``[-c, c]``, or a pair with lo <= hi."""
+    if value is None:
         return None
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be a number or a (min, max) pair, got {value!r}")
+        lo, hi = (float(v) for v in value)
+        if math.isnan(lo) or math.isnan(hi) or lo > hi:
+            raise ValueError(f"{name} needs min <= max, got {value!r}")
+        return lo, hi
+    c = check_bound(value, name)
+    return -c, c
 
 
-_LOADERS = {"reference": _load_reference, "cpp": _load_cpp, "triton": _load_triton}
+def check_grads(grads: Sequence[torch.Tensor], writable: bool = False) -> None:
+    """Dense float16/bfloat16/float32/float64 tensors on one device; for a write, no element shares memory
+    with another of the same tensor (an expanded, zero-stride gradient)."""
+    device = grads[0].device
+    for i, g in enumerate(grads):
+        if g.layout != torch.strided:
+            raise TypeError(f"ampclip clips dense gradients only; gradient {i} has layout {g.layout}")
+        if g.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"ampclip clips float16, bfloat16, float32 and float64 gradients; gradient {i} is "
+                            f"{g.dtype}")
+        if g.device != device:
+            raise ValueError(f"ampclip needs the gradients of one call on one device; gradient {i} is on "
+                             f"{g.device}, gradient 0 on {device}")
+        if writable and torch._debug_has_internal_overlap(g) == 1:
+            raise ValueError(f"gradient {i} has elements that share memory (an expanded, stride-0 tensor): it "
+                             "cannot be written in place; clone it first")
 
 
-_loaded: dict[str, Optional[_Backend]] = {}
+# --------------------------------------------------------------------------------------------------------
+# gathering gradients
 
 
-def _get(name: str) -> Optional[_Backend]:
-    if name not in _loaded:
-        _loaded[name] = _LOADERS[name]()
-    return _loaded[name]
+def _as_list(tensors, what: str) -> list:
+    if isinstance(tensors, torch.Tensor):
+        return [tensors]
+    try:
+        return list(tensors)  # a generator is consumed exactly once
+    except TypeError:
+        raise TypeError(f"{what} must be a Tensor or an iterable of Tensors, got {type(tensors).__name__}") from None
+
+
+def grads_of(parameters) -> list[torch.Tensor]:
+    """The ``.grad`` of every parameter that has one, in order (parameters: a Tensor or an iterable)."""
+    params = _as_list(parameters, "parameters")
+    try:  # one pass: on 10,000 parameters every extra Python loop costs about a millisecond
+        return [p.grad for p in params if p.grad is not None]
+    except AttributeError:
+        bad = next(p for p in params if not hasattr(p, "grad"))
+        raise TypeError(f"parameters must hold Tensors, got {type(bad).__name__}") from None
+
+
+def present_grads(params: Sequence[torch.Tensor]) -> tuple[Optional[list[int]], list[torch.Tensor]]:
+    """``(indices, grads)``: the gradients that exist and their parameters' indices (None when every
+    parameter has one). Read in C++ when the extension is there: about 50 us instead of 500 for 2000."""
+    found = _cpp.present_grads(params)
+    if found is not None:
+        grads, indices = found
+        return indices, grads
+    indices, grads = [], []
+    for i, p in enumerate(params):
+        if (g := p.grad) is not None:
+            indices.append(i)
+            grads.append(g)
+    return (None if len(grads) == len(params) else indices), grads
+
+
+def by_device(grads: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
+    """The gradients grouped by device, in order."""
+    # Without an accelerator every gradient is on the CPU (or the call fails its checks); asking each tensor
+    # for its device would cost about 0.1 us a tensor (1 ms for 10,000), more than the clip itself.
+    if not torch.cuda.is_available():
+        return {grads[0].device: grads}
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault(g.device, []).append(g)
+    return groups
+
+
+# --------------------------------------------------------------------------------------------------------
+# backend choice
 
 
 def available_backends() -> dict[str, bool]:
-    """Which backends are installed here (the Triton one then runs on what :func:`triton_runs_on` says)."""
-    return {name: _get(name) is not None for name in BACKENDS}
+    """Which backends are installed here (the Triton one then runs on the devices :func:`backend` lists)."""
+    return backends.available()
 
 
-def triton_runs_on(device) -> bool:
-    """Whether the triton backend can take tensors on ``device``: CUDA tensors, or CPU tensors under
-    ``TRITON_INTERPRET=1`` with triton 3.7 or newer (3.6's interpreter passes scalars around as one-element
-    arrays, which NumPy 2 refuses as loop bounds; compiled, the kernels need 3.6)."""
-    if _get("triton") is None:
-        return False
-    if torch.device(device).type == "cuda":
-        return True
-    import triton
+_default: dict[str, str] = {}
 
-    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
-    return os.environ.get("TRITON_INTERPRET") == "1" and (major, minor) >= (3, 7)
+
+def _auto(device: torch.device) -> str:
+    name = _default.get(device.type)
+    if name is None:
+        # among the backends that serve this device type (the Triton interpreter takes CPU tensors for
+        # testing, but does not serve them)
+        candidates = [b for b in map(backends.load, BACKENDS) if b is not None and device.type in b.device_types]
+        name = _default[device.type] = max(candidates, key=lambda b: b.priority).name
+    return name
 
 
 @torch.compiler.assume_constant_result  # traced once as a constant: no guard on the backend tables
-def resolve_backend(name: Optional[str], device: torch.device) -> str:
-    """The backend that runs for ``name`` (None or "auto" picks the fastest) on ``device``.
+def resolve_backend(name: Optional[str], device) -> str:
+    """The backend that runs for ``name`` on ``device``: None or "auto" picks the default there (the
+    ``AMPCLIP_BACKEND`` environment variable, when set, forces one instead).
 
     Raises ValueError for an unknown name and RuntimeError for a backend that cannot run here.
     """
     device = torch.device(device)
     if name in (None, "auto"):
-        if device.type == "cuda" and _get("triton") is not None:
-            return "triton"
-        if _get("cpp") is not None and (device.type == "cpu" or _extension.HAS_CUDA):
-            return "cpp"
-        return "reference"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown ampclip backend {name!r}; expected one of {BACKENDS} or 'auto'")
-    if _get(name) is None:
-        raise RuntimeError(f"ampclip backend {name!r} is not available here (see `python -m ampclip env`)")
-    if name == "triton" and not triton_runs_on(device):
-        raise RuntimeError("the triton backend needs CUDA tensors, or TRITON_INTERPRET=1 and triton >= 3.7 for "
-                           "CPU tensors")
-    if name == "cpp" and device.type == "cuda" and not _extension.HAS_CUDA:
-        raise RuntimeError("ampclip._C was built without CUDA kernels; use backend='triton' or 'reference'")
+        name = os.environ.get(ENV_BACKEND) or None
+        if name is None:
+            return _auto(device)
+    impl = backends.load(name)  # ValueError for an unknown name
+    if impl is None:
+        raise RuntimeError(f"ampclip backend {name!r} is not available here: {backends.unavailable_reason(name)}")
+    if not impl.runs_on(device):
+        raise RuntimeError(f"ampclip backend {name!r} does not take {device.type} tensors here (see "
+                           "`python -m ampclip env`)")
     return name
 
 
+def runs_on(name: str, device) -> bool:
+    """Whether backend ``name`` is available and takes tensors on ``device`` here (the Triton one takes CPU
+    tensors only under ``TRITON_INTERPRET=1`` with triton 3.7 or newer)."""
+    impl = backends.load(name)
+    return impl is not None and impl.runs_on(torch.device(device))
+
+
+def check_backend(name: Optional[str]) -> None:
+    """A clear error now for a backend name that is unknown (ValueError) or cannot run here (RuntimeError)."""
+    if name not in (None, "auto") and backends.load(name) is None:
+        raise RuntimeError(f"ampclip backend {name!r} is not available here: {backends.unavailable_reason(name)}")
+
+
+def _impl(name: str) -> backends.Backend:
+    return backends.load(name)
+
+
 # --------------------------------------------------------------------------------------------------------
-# torch.library registration
+# torch.library registration: each op once, with its fake
+
+
+def _direct(op: str, name: str, *args):
+    """The op's result from backend ``name``, inside the registered op: by then the dispatcher has unwrapped
+    whatever the eager call could not take."""
+    out = getattr(_impl(name), op)(*args)
+    if out is NotImplemented:
+        raise RuntimeError(f"ampclip backend {name!r} could not run {op} on its input")
+    return out
+
+
+def _clamp_arg(clamp: Optional[Sequence[float]]) -> Clamp:
+    return None if clamp is None else (float(clamp[0]), float(clamp[1]))
 
 
 @torch.library.custom_op("ampclip::norm_pass", mutates_args=())
-def _norm_pass_op(
-    grads: list[torch.Tensor], inv_scale: Optional[torch.Tensor], norm_type: float, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _get(backend).norm_pass(grads, inv_scale, norm_type)
+def _norm_pass_op(grads: list[torch.Tensor], inv_scale: Optional[torch.Tensor], norm_type: float,
+                  clamp: Optional[list[float]], backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _direct("norm_pass", backend, grads, inv_scale, norm_type, _clamp_arg(clamp))
 
 
-def _norm_pass_fake(grads, inv_scale, norm_type, backend=None):
-    acc = reference.accumulation_dtype(grads)
+@_norm_pass_op.register_fake
+def _(grads, inv_scale, norm_type, clamp, backend):
+    acc = accumulation_dtype(grads)
     device = grads[0].device if grads else torch.device("cpu")
-    return (
-        torch.empty(len(grads), dtype=acc, device=device),
-        torch.empty((), dtype=acc, device=device),
-        torch.empty((), dtype=torch.float32, device=device),
-    )
-
-
-_norm_pass_op.register_fake(_norm_pass_fake)
+    return (torch.empty(len(grads), dtype=acc, device=device), torch.empty((), dtype=acc, device=device),
+            torch.empty((), dtype=torch.float32, device=device))
 
 
 @torch.library.custom_op("ampclip::scale_pass", mutates_args=("grads",))
-def _scale_pass_op(
-    grads: list[torch.Tensor],
-    coef: torch.Tensor,
-    inv_scale: Optional[torch.Tensor],
-    clip_value: Optional[float],
-    found_inf: Optional[torch.Tensor],
-    zero_if_inf: bool,
-    backend: str,
-) -> None:
-    _get(backend).scale_pass(grads, coef, inv_scale, clip_value, found_inf, zero_if_inf)
+def _scale_pass_op(grads: list[torch.Tensor], coef: torch.Tensor, inv_scale: Optional[torch.Tensor],
+                   clamp: Optional[list[float]], found_inf: Optional[torch.Tensor], zero_if_inf: bool,
+                   backend: str) -> None:
+    _direct("scale_pass", backend, grads, coef, inv_scale, _clamp_arg(clamp), found_inf, zero_if_inf)
 
 
 @_scale_pass_op.register_fake
-def _scale_pass_fake(grads, coef, inv_scale, clip_value, found_inf, zero_if_inf, backend):
+def _(grads, coef, inv_scale, clamp, found_inf, zero_if_inf, backend):
     return None
 
 
-if _extension.AVAILABLE:
-    # The compiled kernels are real dispatcher ops too; their fakes make them traceable and opcheck-able.
-    torch.library.register_fake("ampclip_C::norm_pass")(_norm_pass_fake)
-    torch.library.register_fake("ampclip_C::scale_pass")(
-        lambda grads, coef, inv_scale, clip_value, found_inf, zero_if_inf: None
-    )
-    torch.library.register_fake("ampclip_C::clip_grad_norm_")(
-        lambda grads, max_norm, norm_type: _norm_pass_fake(grads, None, norm_type)[1]
-    )
+@torch.library.custom_op("ampclip::clip_finalize", mutates_args=())
+def _clip_finalize_op(per_tensor: torch.Tensor, total: torch.Tensor, max_norm: float,
+                      max_norm_tensor: Optional[torch.Tensor], mode: int, group_index: Optional[torch.Tensor],
+                      num_groups: int, norm_type: float, eps: float, rule: int,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    bound = max_norm_tensor if max_norm_tensor is not None else max_norm
+    return _direct("clip_finalize", backend, per_tensor, total, bound, mode, group_index, num_groups, norm_type,
+                   eps, rule)
+
+
+@_clip_finalize_op.register_fake
+def _(per_tensor, total, max_norm, max_norm_tensor, mode, group_index, num_groups, norm_type, eps, rule, backend):
+    groups = num_groups if mode == 2 else 0
+    coef = per_tensor.new_empty(() if mode == 0 else per_tensor.shape)
+    return coef, per_tensor.new_empty(groups), per_tensor.new_empty(groups), per_tensor.new_empty(())
+
+
+@torch.library.custom_op("ampclip::scaler_update", mutates_args=("state", "history"))
+def _scaler_update_op(state: torch.Tensor, history: torch.Tensor, found_inf: Optional[torch.Tensor],
+                      grad_norm: Optional[torch.Tensor], slot: int, growth_factor: float, backoff_factor: float,
+                      growth_interval: int, hysteresis: int, min_scale: float, max_scale: float, dynamic: bool,
+                      backend: str) -> None:
+    _direct("scaler_update", backend, state, history, found_inf, grad_norm, slot, growth_factor, backoff_factor,
+            growth_interval, hysteresis, min_scale, max_scale, dynamic)
+
+
+@_scaler_update_op.register_fake
+def _(state, history, found_inf, grad_norm, slot, growth_factor, backoff_factor, growth_interval, hysteresis,
+      min_scale, max_scale, dynamic, backend):
+    return None
+
+
+@torch.library.custom_op("ampclip::clip_stats_update", mutates_args=("counters", "layer_stats"))
+def _clip_stats_update_op(counters: torch.Tensor, layer_stats: Optional[torch.Tensor], per_tensor: torch.Tensor,
+                          coef: torch.Tensor, found_inf: torch.Tensor, backend: str) -> None:
+    _direct("clip_stats_update", backend, counters, layer_stats, per_tensor, coef, found_inf)
+
+
+@_clip_stats_update_op.register_fake
+def _(counters, layer_stats, per_tensor, coef, found_inf, backend):
+    return None
+
+
+def _run(op: str, name: str, args: tuple, op_args: tuple):
+    """Eager: the adapter directly, or the registered op when the adapter cannot take the input; compiled:
+    the registered op."""
+    if not torch.compiler.is_compiling():
+        out = getattr(_impl(name), op)(*args)
+        if out is not NotImplemented:
+            return out
+    return getattr(torch.ops.ampclip, op)(*op_args, name)
 
 
 # --------------------------------------------------------------------------------------------------------
-# Python entry points
+# the ops, called from Python
 
 
-def norm_pass(
-    grads: list[torch.Tensor],
-    inv_scale: Optional[torch.Tensor] = None,
-    norm_type: float = 2.0,
-    backend: Optional[str] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-tensor norms, total norm and ``found_inf`` of ``grads * inv_scale`` in one read.
+def _checked(grads: Sequence[torch.Tensor], backend: Optional[str], writable: bool) -> str:
+    name = resolve_backend(backend, grads[0].device)
+    if not _impl(name).validates_inputs:
+        check_grads(grads, writable)
+    return name
 
-    ``grads`` must share one device (dtypes may mix). See the module docstring for the contract.
+
+def norm_pass(grads: list[torch.Tensor], inv_scale: Optional[torch.Tensor] = None, norm_type: float = 2.0,
+              clip_value=None, backend: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-tensor norms, total norm and ``found_inf`` of ``clamp(grads * inv_scale)`` in one read.
+
+    ``clip_value`` clamps the unscaled values before they are measured (a number c for ``[-c, c]``, or a
+    ``(min, max)`` pair); ``found_inf`` is taken before it. Gradients must share one device (dtypes may mix).
+    See the module docstring for the contract.
 
     Example::
 
         per_tensor, total, found_inf = ampclip.ops.norm_pass([p.grad for p in model.parameters()])
     """
+    clamp = check_clamp(clip_value, "clip_value")
     if not grads:
-        return reference.norm_pass(grads, inv_scale, norm_type)
-    name = resolve_backend(backend, grads[0].device)
-    if torch.compiler.is_compiling():
-        return torch.ops.ampclip.norm_pass(grads, inv_scale, norm_type, name)
-    return _get(name).norm_pass(grads, inv_scale, norm_type)
+        acc = torch.float32
+        return torch.zeros(0, dtype=acc), torch.zeros((), dtype=acc), torch.zeros((), dtype=torch.float32)
+    name = _checked(grads, backend, writable=False)
+    return _run("norm_pass", name, (grads, inv_scale, norm_type, clamp),
+                (grads, inv_scale, norm_type, None if clamp is None else list(clamp)))
 
 
-def scale_pass(
-    grads: list[torch.Tensor],
-    coef: torch.Tensor,
-    inv_scale: Optional[torch.Tensor] = None,
-    clip_value: Optional[float] = None,
-    found_inf: Optional[torch.Tensor] = None,
-    zero_if_inf: bool = False,
-    backend: Optional[str] = None,
-) -> None:
-    """In place ``g <- clamp(g * inv_scale, ±clip_value) * coef``, skipped or zeroed when ``found_inf``.
+def scale_pass(grads: list[torch.Tensor], coef: torch.Tensor, inv_scale: Optional[torch.Tensor] = None,
+               clip_value=None, found_inf: Optional[torch.Tensor] = None, zero_if_inf: bool = False,
+               backend: Optional[str] = None) -> None:
+    """In place ``g <- clamp(g * inv_scale, lo, hi) * coef``, skipped or zeroed when ``found_inf``.
 
     Example::
 
         ampclip.ops.scale_pass(grads, coef=torch.tensor(0.5))
     """
+    clamp = check_clamp(clip_value, "clip_value")
     if not grads:
         return
-    name = resolve_backend(backend, grads[0].device)
-    if torch.compiler.is_compiling():
-        torch.ops.ampclip.scale_pass(grads, coef, inv_scale, clip_value, found_inf, zero_if_inf, name)
-        return
-    _get(name).scale_pass(grads, coef, inv_scale, clip_value, found_inf, zero_if_inf)
+    if coef.numel() not in (1, len(grads)):
+        raise ValueError(f"coef must hold 1 or one per gradient ({len(grads)}) elements, got {coef.numel()}")
+    name = _checked(grads, backend, writable=True)
+    _run("scale_pass", name, (grads, coef, inv_scale, clamp, found_inf, zero_if_inf),
+         (grads, coef, inv_scale, None if clamp is None else list(clamp), found_inf, zero_if_inf))
 
 
-def clip_coef(max_norm: float, total_norm: torch.Tensor) -> torch.Tensor:
-    """min(1, max_norm / (total_norm + eps)) on the device: no host sync."""
-    return (max_norm / (total_norm + EPS)).clamp_(max=1.0)
+def clip_finalize(per_tensor: torch.Tensor, total: torch.Tensor, max_norm, mode: str = "global",
+                  group_index: Optional[torch.Tensor] = None, num_groups: int = 0, norm_type: float = 2.0,
+                  eps: float = EPS, rule: str = "torch", backend: Optional[str] = None):
+    """``(coef, group_coef, group_norms, post_clip_norm)`` from the norms and the bound, in one call.
+
+    ``max_norm`` is a number or a 0-d device tensor (a bound computed on the device: no host sync).
+    ``mode``: "global" (``coef`` 0-d, from ``total``), "per_tensor" (one per tensor) or "per_group"
+    (``group_index`` gives each tensor's group in ``[0, num_groups)``; ``group_norms`` and ``group_coef``
+    per group, ``coef`` per tensor). ``rule``: "torch" (``min(1, max_norm / (norm + eps))``, bit for bit
+    as torch's ``clip_grad_norm_``) or "max" (``max_norm / max(norm + eps, max_norm)``).
+    """
+    name = resolve_backend(backend, per_tensor.device)
+    code, rule_code = MODES[mode], RULES[rule]
+    bound_tensor = max_norm if isinstance(max_norm, torch.Tensor) else None
+    bound = 0.0 if bound_tensor is not None else float(max_norm)
+    return _run("clip_finalize", name,
+                (per_tensor, total, max_norm, code, group_index, num_groups, norm_type, eps, rule_code),
+                (per_tensor, total, bound, bound_tensor, code, group_index, num_groups, norm_type, eps, rule_code))
 
 
-def clip_grad_norm(
-    grads: list[torch.Tensor], max_norm: float, norm_type: float = 2.0, backend: Optional[str] = None
-) -> torch.Tensor:
-    """Norm pass, :func:`clip_coef` and scale pass; returns the pre-clip total norm.
+def scaler_update(state: torch.Tensor, history: torch.Tensor, found_inf: Optional[torch.Tensor],
+                  grad_norm: Optional[torch.Tensor], slot: int, growth_factor: float, backoff_factor: float,
+                  growth_interval: int, hysteresis: int, min_scale: float, max_scale: float, dynamic: bool,
+                  backend: Optional[str] = None) -> None:
+    """One loss-scale update in place (see ``ampclip.reference.scaler_update``), in one call."""
+    name = resolve_backend(backend, state.device)
+    args = (state, history, found_inf, grad_norm, slot, growth_factor, backoff_factor, growth_interval,
+            hysteresis, min_scale, max_scale, dynamic)
+    _run("scaler_update", name, args, args)
+
+
+def clip_stats_update(counters: torch.Tensor, layer_stats: Optional[torch.Tensor], per_tensor: torch.Tensor,
+                      coef: torch.Tensor, found_inf: torch.Tensor, backend: Optional[str] = None) -> None:
+    """Clipped/skipped counts and per-layer norm statistics in place (see
+    ``ampclip.reference.clip_stats_update``), in one call."""
+    name = resolve_backend(backend, counters.device)
+    args = (counters, layer_stats, per_tensor, coef, found_inf)
+    _run("clip_stats_update", name, args, args)
+
+
+# --------------------------------------------------------------------------------------------------------
+# composites: what the drop-in functions do
+
+
+def clip_coef(max_norm, total_norm: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """``min(1, max_norm / (total_norm + eps))`` on the device, rounded as torch rounds it: no host sync."""
+    if not isinstance(total_norm, torch.Tensor) or total_norm.numel() != 1:
+        raise ValueError("total_norm must be a one-element tensor (the norm of all gradients), got "
+                         f"{total_norm if not isinstance(total_norm, torch.Tensor) else tuple(total_norm.shape)}")
+    total = total_norm.reshape(())
+    return clip_finalize(total.reshape(1), total, max_norm, backend=backend)[0]
+
+
+def total_norm(grads: list[torch.Tensor], norm_type: float, backend: Optional[str] = None) -> torch.Tensor:
+    """The norm of all ``grads`` as one vector, on the first gradient's device; one norm pass per device."""
+    groups = by_device(grads)
+    totals = [norm_pass(device_grads, None, norm_type, backend=backend)[1] for device_grads in groups.values()]
+    if len(totals) == 1:
+        return totals[0]
+    first = grads[0].device
+    return combine_norms(torch.stack([t.to(first) for t in totals]), norm_type)
+
+
+def clip_grad_norm(grads: list[torch.Tensor], max_norm: float, norm_type: float = 2.0,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """Norm pass, coefficient and scale pass over gradients on one device; returns the pre-clip total norm.
 
     A backend with a fused clip (the compiled CPU kernels) runs all three in one call: on 10,000 tiny
-    gradients, crossing into the backend once instead of twice saves about 1.5 ms.
+    gradients, crossing into the backend once instead of three times saves about 1.5 ms.
 
     Example::
 
         total = ampclip.ops.clip_grad_norm([p.grad for p in model.parameters()], max_norm=1.0)
     """
-    name = resolve_backend(backend, grads[0].device)
-    fused = _get(name).clip_grad_norm
-    if fused is not None and not torch.compiler.is_compiling():
-        return fused(grads, max_norm, norm_type)
+    name = _checked(grads, backend, writable=True)
+    if not torch.compiler.is_compiling():
+        total = _impl(name).clip_grad_norm(grads, max_norm, norm_type)
+        if total is not None:
+            return total
     total = norm_pass(grads, None, norm_type, backend=name)[1]
-    scale_pass(grads, clip_coef(max_norm, total), backend=name)
+    scale_pass(grads, clip_coef(max_norm, total, backend=name), backend=name)
     return total
+
+
+def raise_if_nonfinite(total: torch.Tensor, norm_type: float) -> None:
+    if not torch.isfinite(total).item():  # one host sync, as in torch
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot "
+            "be clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+            "`error_if_nonfinite=False`"
+        )
+
+
+def scale_by(grads: list[torch.Tensor], coef: torch.Tensor, clip_value=None, backend: Optional[str] = None) -> None:
+    """Every gradient times ``coef`` (clamped first to ``clip_value``), one scale pass per device, every
+    device's checks before any write."""
+    groups = by_device(grads)
+    names = {device: _checked(device_grads, backend, writable=True) for device, device_grads in groups.items()}
+    for device, device_grads in groups.items():
+        scale_pass(device_grads, coef.to(device, non_blocking=True), None, clip_value, backend=names[device])
+
+
+def clip_parameters(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max_norm: float, norm_type: float,
+                    error_if_nonfinite: bool = False, backend: Optional[str] = None) -> torch.Tensor:
+    """The drop-in ``clip_grad_norm_`` on already checked ``max_norm`` and ``norm_type``: the one place that
+    decides its fast path. The backend serving CPU gradients may clip straight from the parameter list (the
+    compiled one reads ``.grad`` in C++: 0.72 -> 0.26 ms on 2000 x 512); it answers None for anything else,
+    which takes the general path: gather, check, norm pass per device, coefficient, scale pass."""
+    params = _as_list(parameters, "parameters")
+    if not error_if_nonfinite and not torch.compiler.is_compiling():
+        total = _impl(resolve_backend(backend, "cpu")).clip_params(params, max_norm, norm_type)
+        if total is not None:
+            return total
+    grads = grads_of(params)
+    if not grads:
+        return torch.tensor(0.0)
+    if not error_if_nonfinite and len(by_device(grads)) == 1:
+        return clip_grad_norm(grads, max_norm, norm_type, backend)
+    total = total_norm(grads, norm_type, backend)
+    if error_if_nonfinite:
+        raise_if_nonfinite(total, norm_type)
+    scale_by(grads, clip_coef(max_norm, total, backend), backend=backend)
+    return total
+
+
+# --------------------------------------------------------------------------------------------------------
+# what runs here
 
 
 def backend() -> dict:
@@ -273,13 +600,14 @@ def backend() -> dict:
     """
     info = {
         "available": available_backends(),
+        "unavailable": {name: backends.unavailable_reason(name) for name in BACKENDS
+                        if backends.unavailable_reason(name)},
         "in_use": {"cpu": resolve_backend(None, "cpu")},
+        "forced": os.environ.get(ENV_BACKEND) or None,
         "torch": torch.__version__,
         "triton": None,
         "cuda": torch.version.cuda,
         "gpu": None,
-        "extension": "loaded" if _extension.AVAILABLE else f"not loaded ({_extension.ERROR})",
-        "extension_cuda": _extension.HAS_CUDA,
     }
     try:
         import triton

@@ -27,6 +27,9 @@ import torch
 from . import ops
 from .clipper import ClipStats, FusedClipper
 from .distributed import local_shards
+from .ops import HISTORY_ROWS, INV_SCALE, SCALE
+
+MAX_COUNT = 2**24  # the trackers are kept in float32, exact for integers up to 2^24
 
 __all__ = ["DynamicLossScaler"]
 
@@ -85,13 +88,8 @@ class DynamicLossScaler:
         dynamic = precision == "fp16"
         if init_scale is None:
             init_scale = 2.0**16 if dynamic else 1.0
-        _check_positive(init_scale, "init_scale")
-        _check_factors(growth_factor, backoff_factor)
-        _check_interval(growth_interval)
-        if not isinstance(hysteresis, int) or hysteresis < 1:
-            raise ValueError(f"hysteresis must be an int >= 1, got {hysteresis!r}")
-        if not (0.0 <= min_scale <= max_scale) or math.isnan(max_scale):
-            raise ValueError(f"need 0 <= min_scale <= max_scale, got {min_scale} and {max_scale}")
+        _check_settings(init_scale, growth_factor, backoff_factor, growth_interval, hysteresis, min_scale,
+                        max_scale, scale_name="init_scale")
         if not isinstance(history_size, int) or history_size < 1:
             raise ValueError(f"history_size must be an int >= 1, got {history_size!r}")
         device = torch.device(device)
@@ -108,19 +106,19 @@ class DynamicLossScaler:
         self._max_scale = float(max_scale)
         self._backend = backend
         self._process_group = process_group
-        self._scale = torch.full((), float(init_scale), dtype=torch.float32, device=device)
-        self._growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
-        self._hysteresis_tracker = torch.full((), hysteresis, dtype=torch.int32, device=device)
+        # One float32 state tensor, so that an update is one device op: the scale (the tensor losses are
+        # multiplied by), its inverse (the unscale), the growth and the hysteresis trackers.
+        self._scale_state = torch.tensor([init_scale, 1.0 / float(init_scale), 0.0, hysteresis], dtype=torch.float32,
+                                   device=device)
+        self._scale_state[INV_SCALE] = self._scale_state[SCALE].double().reciprocal().float()
+        self._scale, self._inv_scale = self._scale_state[SCALE], self._scale_state[INV_SCALE]
         self._history_size = history_size
-        self._history = {
-            "scale": torch.full((history_size,), math.nan, device=device),
-            "found_inf": torch.full((history_size,), math.nan, device=device),
-            "grad_norm": torch.full((history_size,), math.nan, device=device),
-        }
+        self._history = torch.full((len(HISTORY_ROWS), history_size), math.nan, device=device)
         self._steps = 0
         self._scaled = False
         self._states: dict[int, _OptimizerState] = {}
         self._clippers: dict[int, tuple[tuple, FusedClipper]] = {}
+        self._one = torch.ones((), device=device)
 
     # ------------------------------------------------------------------------------------------ scaling
     def scale(self, outputs):
@@ -137,10 +135,16 @@ class DynamicLossScaler:
 
     @property
     def inv_scale(self) -> Optional[torch.Tensor]:
-        """1 / scale as a 0-d float32 device tensor (None when nothing is scaled)."""
+        """1 / scale as a 0-d float32 device tensor, kept up to date by :meth:`update` (None when nothing
+        is scaled). Read it, do not write it."""
         if not self._enabled or not self._dynamic:
             return None
-        return self._scale.double().reciprocal().float()
+        return self._inv_scale
+
+    @property
+    def loss_scale(self) -> torch.Tensor:
+        """The current scale as a 0-d float32 device tensor (no host sync). Read it, do not write it."""
+        return self._scale
 
     # ------------------------------------------------------------------------------------------ per step
     def _state(self, optimizer) -> _OptimizerState:
@@ -181,7 +185,7 @@ class DynamicLossScaler:
         inv = self.inv_scale
         _, norm, found_inf = ops.norm_pass(grads, inv, 2.0, backend=self._backend)
         if unscale_in_place and inv is not None:
-            ops.scale_pass(grads, torch.ones((), device=grads[0].device), inv, backend=self._backend)
+            ops.scale_pass(grads, self._one, inv, backend=self._backend)
         return norm, self._agree(found_inf, shard_group)
 
     def unscale_(self, optimizer) -> None:
@@ -214,9 +218,7 @@ class DynamicLossScaler:
             if max_norm is None:
                 raise ValueError("unscale_and_clip_ needs max_norm (or a clipper)")
             clipper = self._clipper_for(optimizer, max_norm, norm_type, mode, value_clip)
-        fused_clipper = getattr(clipper, "_fused", clipper)
-        deferrable = (getattr(optimizer, "_step_supports_amp_scaling", False) and fused_clipper.mode == "global"
-                      and fused_clipper.value_clip is None)
+        deferrable = clipper.can_defer_to(optimizer)
         if defer is True and not deferrable:
             raise ValueError("defer=True needs a fused torch optimizer, mode='global' and no value_clip")
         use_defer = deferrable if defer == "auto" else bool(defer)
@@ -236,8 +238,7 @@ class DynamicLossScaler:
                                    backend=self._backend)
             self._clippers[id(optimizer)] = (key, clipper)
             return clipper
-        cached[1].load_state_dict({"max_norm": max_norm, "norm_type": norm_type, "mode": mode,
-                                   "value_clip": value_clip})
+        cached[1].max_norm = max_norm
         return cached[1]
 
     def step(self, optimizer, *args, **kwargs):
@@ -276,10 +277,11 @@ class DynamicLossScaler:
                     delattr(optimizer, name)
 
     def update(self, new_scale: Optional[Union[float, torch.Tensor]] = None) -> None:
-        """Back off on overflow, grow after ``growth_interval`` clean steps; all on the device."""
+        """Back off on overflow, grow after ``growth_interval`` clean steps; one device op, no host sync."""
         if not self._enabled:
             return
         recorded = [s for s in self._states.values() if s.found_inf is not None]
+        found = None
         if new_scale is not None:
             if isinstance(new_scale, torch.Tensor):
                 if new_scale.numel() != 1 or new_scale.requires_grad:
@@ -288,42 +290,20 @@ class DynamicLossScaler:
             else:
                 _check_positive(new_scale, "new_scale")
                 self._scale.fill_(float(new_scale))
-            found = None
+        elif not recorded:
+            raise RuntimeError("update() found no inf/NaN checks: call step() (or unscale_) first")
+        elif len(recorded) == 1:
+            found = recorded[0].found_inf
         else:
-            if not recorded:
-                raise RuntimeError("update() found no inf/NaN checks: call step() (or unscale_) first")
             found = torch.stack([s.found_inf.to(self._device, torch.float32) for s in recorded]).amax()
-            if self._dynamic:
-                self._update_scale(found > 0)
-        self._record(found, recorded)
+        norms = [s.grad_norm for s in recorded if s.grad_norm is not None]
+        ops.scaler_update(self._scale_state, self._history, found, norms[0] if norms else None,
+                          self._steps % self._history_size, self._growth_factor, self._backoff_factor,
+                          self._growth_interval, self._hysteresis, self._min_scale, self._max_scale, self._dynamic,
+                          backend=self._backend)
+        self._steps += 1
         self._states.clear()
         self._scaled = False
-
-    def _update_scale(self, found: torch.Tensor) -> None:
-        one = torch.ones((), dtype=torch.int32, device=self._device)
-        hyst = self._hysteresis_tracker
-        back_off = found & (hyst <= 1)
-        growth = torch.where(found, torch.zeros_like(self._growth_tracker), self._growth_tracker + one)
-        grow = ~found & (growth >= self._growth_interval)
-        backed = (self._scale * self._backoff_factor).clamp(min=self._min_scale)
-        grown = self._scale * self._growth_factor
-        grown = torch.where(torch.isfinite(grown), grown.clamp(max=self._max_scale), self._scale)
-        new_scale = torch.where(back_off, backed, torch.where(grow, grown, self._scale))
-        self._scale.copy_(new_scale)
-        self._growth_tracker.copy_(torch.where(grow, torch.zeros_like(growth), growth))
-        # Consecutive hysteresis: a clean step restores it; each overflow past the first H-1 backs off.
-        reset = torch.full_like(hyst, self._hysteresis)
-        self._hysteresis_tracker.copy_(torch.where(found, (hyst - one).clamp(min=1), reset))
-
-    def _record(self, found: Optional[torch.Tensor], recorded) -> None:
-        slot = self._steps % self._history_size
-        self._history["scale"][slot] = self._scale
-        if found is not None:
-            self._history["found_inf"][slot] = found
-        norms = [s.grad_norm for s in recorded if s.grad_norm is not None]
-        if norms:
-            self._history["grad_norm"][slot] = norms[0].to(self._device, torch.float32)
-        self._steps += 1
 
     # ------------------------------------------------------------------------------------------ inspection
     def history(self) -> dict[str, torch.Tensor]:
@@ -332,7 +312,8 @@ class DynamicLossScaler:
         n = min(self._steps, self._history_size)
         start = self._steps - n
         order = [(start + i) % self._history_size for i in range(n)]
-        out = {k: v[order].cpu() for k, v in self._history.items()}
+        rows = self._history[:, order].cpu()
+        out = dict(zip(HISTORY_ROWS, rows.unbind()))
         out["step"] = torch.arange(start, self._steps)
         return out
 
@@ -347,21 +328,24 @@ class DynamicLossScaler:
         return self._growth_factor
 
     def set_growth_factor(self, new_factor: float) -> None:
-        _check_factors(new_factor, self._backoff_factor)
+        _check_settings(1.0, new_factor, self._backoff_factor, self._growth_interval, self._hysteresis,
+                        self._min_scale, self._max_scale)
         self._growth_factor = float(new_factor)
 
     def get_backoff_factor(self) -> float:
         return self._backoff_factor
 
     def set_backoff_factor(self, new_factor: float) -> None:
-        _check_factors(self._growth_factor, new_factor)
+        _check_settings(1.0, self._growth_factor, new_factor, self._growth_interval, self._hysteresis,
+                        self._min_scale, self._max_scale)
         self._backoff_factor = float(new_factor)
 
     def get_growth_interval(self) -> int:
         return self._growth_interval
 
     def set_growth_interval(self, new_interval: int) -> None:
-        _check_interval(new_interval)
+        _check_settings(1.0, self._growth_factor, self._backoff_factor, new_interval, self._hysteresis,
+                        self._min_scale, self._max_scale)
         self._growth_interval = int(new_interval)
 
     def get_hysteresis(self) -> int:
@@ -369,59 +353,87 @@ class DynamicLossScaler:
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """Everything needed to continue bit for bit (torch's five keys plus ours); empty when disabled."""
+        """Everything needed to continue bit for bit (torch's five keys plus ours); empty when disabled.
+        One host sync."""
         if not self._enabled:
             return {}
+        scale, _, growth, hysteresis = self._scale_state.tolist()
         return {
-            "scale": self._scale.item(),
+            "scale": scale,
             "growth_factor": self._growth_factor,
             "backoff_factor": self._backoff_factor,
             "growth_interval": self._growth_interval,
-            "_growth_tracker": int(self._growth_tracker.item()),
+            "_growth_tracker": int(growth),
             "hysteresis": self._hysteresis,
-            "_hysteresis_tracker": int(self._hysteresis_tracker.item()),
+            "_hysteresis_tracker": int(hysteresis),
             "min_scale": self._min_scale,
             "max_scale": self._max_scale,
             "_steps": self._steps,
-            "history": {k: v.cpu().clone() for k, v in self._history.items()},
+            "history": {name: row.cpu().clone() for name, row in zip(HISTORY_ROWS, self._history.unbind())},
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state from :meth:`state_dict` (or from ``torch.amp.GradScaler.state_dict()``)."""
+        """Load a state from :meth:`state_dict` (or from ``torch.amp.GradScaler.state_dict()``). Every value
+        is checked as the constructor checks it before anything is assigned."""
         if not self._enabled:
             return
         if not state_dict:
             raise RuntimeError("the state_dict is empty: it was saved from a disabled scaler")
-        self._scale.fill_(float(state_dict["scale"]))
-        self._growth_factor = float(state_dict["growth_factor"])
-        self._backoff_factor = float(state_dict["backoff_factor"])
-        self._growth_interval = int(state_dict["growth_interval"])
-        self._growth_tracker.fill_(int(state_dict["_growth_tracker"]))
-        self._hysteresis = int(state_dict.get("hysteresis", self._hysteresis))
-        self._hysteresis_tracker.fill_(int(state_dict.get("_hysteresis_tracker", self._hysteresis)))
-        self._min_scale = float(state_dict.get("min_scale", self._min_scale))
-        self._max_scale = float(state_dict.get("max_scale", self._max_scale))
-        self._steps = int(state_dict.get("_steps", 0))
+        scale = float(state_dict["scale"])
+        growth_factor = float(state_dict["growth_factor"])
+        backoff_factor = float(state_dict["backoff_factor"])
+        growth_interval = state_dict["growth_interval"]
+        hysteresis = state_dict.get("hysteresis", self._hysteresis)
+        min_scale = float(state_dict.get("min_scale", self._min_scale))
+        max_scale = float(state_dict.get("max_scale", self._max_scale))
+        _check_settings(scale, growth_factor, backoff_factor, growth_interval, hysteresis, min_scale, max_scale)
+        growth_tracker = min(_checked_count(state_dict["_growth_tracker"], "_growth_tracker", 0, limit=None),
+                             MAX_COUNT)
+        hysteresis_tracker = _checked_count(state_dict.get("_hysteresis_tracker", hysteresis),
+                                            "_hysteresis_tracker", 1)
+        steps = _checked_count(state_dict.get("_steps", 0), "_steps", 0, limit=None)
         history = state_dict.get("history")
         if history is not None:
-            if len(history["scale"]) != self._history_size:
+            if set(history) != set(HISTORY_ROWS):
+                raise ValueError(f"history must hold {HISTORY_ROWS}, got {sorted(history)}")
+            if any(len(v) != self._history_size for v in history.values()):
                 raise ValueError(f"history_size differs: saved {len(history['scale'])}, here {self._history_size}")
-            for k, v in history.items():
-                self._history[k].copy_(v)
+        # everything checked: assign
+        self._growth_factor, self._backoff_factor = growth_factor, backoff_factor
+        self._growth_interval, self._hysteresis = int(growth_interval), int(hysteresis)
+        self._min_scale, self._max_scale = min_scale, max_scale
+        self._steps = steps
+        state = torch.tensor([scale, 0.0, growth_tracker, hysteresis_tracker], dtype=torch.float32)
+        state[INV_SCALE] = state[SCALE].double().reciprocal().float()
+        self._scale_state.copy_(state)
+        if history is not None:
+            self._history.copy_(torch.stack([torch.as_tensor(history[name]) for name in HISTORY_ROWS]))
 
 
 def _check_positive(value, name: str) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def _check_factors(growth_factor, backoff_factor) -> None:
+def _checked_count(value, name: str, least: int, limit: Optional[int] = MAX_COUNT) -> int:
+    if isinstance(value, bool) or not float(value).is_integer() or value < least or (limit and value > limit):
+        raise ValueError(f"{name} must be an integer >= {least}{f' and <= {limit}' if limit else ''}, got {value!r}")
+    return int(value)
+
+
+def _check_settings(scale, growth_factor, backoff_factor, growth_interval, hysteresis, min_scale, max_scale,
+                    scale_name: str = "scale") -> None:
+    """The constructor's checks, shared by load_state_dict and the setters: a clear error, nothing assigned.
+    (The trackers count in float32: past 2^24 a count stops growing, which only matters for intervals
+    longer than 16.7M steps, where it keeps the scale from growing, as such an interval intends.)"""
+    _check_positive(scale, scale_name)
     if not isinstance(growth_factor, (int, float)) or not growth_factor > 1.0 or math.isinf(growth_factor):
         raise ValueError(f"growth_factor must be a finite number > 1, got {growth_factor!r}")
     if not isinstance(backoff_factor, (int, float)) or not 0.0 < backoff_factor < 1.0:
         raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
-
-
-def _check_interval(interval) -> None:
-    if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
-        raise ValueError(f"growth_interval must be an int >= 1, got {interval!r}")
+    if not isinstance(growth_interval, int) or isinstance(growth_interval, bool) or growth_interval < 1:
+        raise ValueError(f"growth_interval must be an int >= 1, got {growth_interval!r}")
+    if not isinstance(hysteresis, int) or isinstance(hysteresis, bool) or not 1 <= hysteresis <= MAX_COUNT:
+        raise ValueError(f"hysteresis must be an int in [1, 2^24], got {hysteresis!r}")
+    if not (0.0 <= min_scale <= max_scale) or math.isnan(max_scale):
+        raise ValueError(f"need 0 <= min_scale <= max_scale, got {min_scale} and {max_scale}")

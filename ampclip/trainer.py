@@ -81,12 +81,14 @@ class AMPTrainer:
         named = [(n, p) for n, p in _unwrap(model).named_parameters() if p.requires_grad]
         self.clipping_enabled = config.gradient_clip_strategy is not None
         # With clipping off the clipper still measures (one read, coefficient 1, nothing written).
-        self.clipper = GradientClipper(
-            named, config.gradient_clip_strategy or "norm",
-            max_norm=config.gradient_clip_max_norm if self.clipping_enabled else math.inf,
-            precision=config.precision, clip_value=config.gradient_clip_value, mode=config.gradient_clip_mode,
-            percentile=config.adaptive_clip_percentile, history_size=config.adaptive_clip_history,
-            enable_monitoring=config.enable_gradient_monitoring, backend=backend)
+        if self.clipping_enabled:
+            self.clipper = GradientClipper(
+                named, config.gradient_clip_strategy, max_norm=config.gradient_clip_max_norm,
+                precision=config.precision, clip_value=config.gradient_clip_value, mode=config.gradient_clip_mode,
+                enable_monitoring=config.enable_gradient_monitoring, backend=backend, **config.gradient_clip_options)
+        else:
+            self.clipper = GradientClipper(named, "norm", max_norm=math.inf, precision=config.precision,
+                                           enable_monitoring=config.enable_gradient_monitoring, backend=backend)
         self._base_max_norm = self.clipper.max_norm
         self.recovery = NaNRecoveryManager(_unwrap(model), self.optimizer, self.scaler,
                                            strategy=config.nan_recovery_strategy, detector=NaNDetector(named))
@@ -134,7 +136,7 @@ class AMPTrainer:
     def _optimizer_step(self, loss: torch.Tensor) -> None:
         strategy = self.config.nan_recovery_strategy
         if strategy == "clip":
-            self.clipper._fused.max_norm = self.recovery.max_norm(self._base_max_norm)
+            self.clipper.max_norm = self.recovery.max_norm(self._base_max_norm)
         stats = self.scaler.unscale_and_clip_(self.optimizer, clipper=self.clipper, defer=self.config.defer_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -146,7 +148,7 @@ class AMPTrainer:
             "post_clip_norm": stats.post_clip_norm,
             "clip_coef": stats.clip_coef if stats.clip_coef.dim() == 0 else stats.clip_coef.float().mean(),
             "found_inf": stats.found_inf,
-            "loss_scale": self.scaler._scale.clone(),
+            "loss_scale": self.scaler.loss_scale.clone(),
             "loss": loss.float(),
         }
         self._log(stats)

@@ -15,8 +15,7 @@ ODD_SHAPES = [(1,), (3,), (4097,), (0,), (65536 + 1000,), (33, 17), (2, 3, 5), (
 
 NORMS = [pytest.param(p, id=f"p{p}") for p in (1.0, 2.0, 3.0, math.inf)]
 # The backends that take CPU tensors here (Triton only under its interpreter, from triton 3.7 on).
-CPU_BACKENDS = [name for name, ok in ampclip.ops.available_backends().items()
-                if ok and (name != "triton" or ampclip.ops.triton_runs_on("cpu"))]
+CPU_BACKENDS = [name for name in ampclip.ops.BACKENDS if ampclip.ops.runs_on(name, "cpu")]
 DTYPE_MIXES = [
     pytest.param((torch.float32,), id="fp32"),
     pytest.param((torch.float16,), id="fp16"),

@@ -140,7 +140,7 @@ def test_skipped_step_on_cuda_is_bit_identical():
 def test_training_loop_with_set_to_none_keeps_its_table():
     # zero_grad(set_to_none=True) frees the gradients; the next backward allocates new ones. The table is
     # keyed on addresses and sizes, so it is reused whenever the allocator hands out the same blocks.
-    from ampclip import triton_kernels as tk
+    from ampclip.backends import tensor_table as tk
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(50)]).cuda()

@@ -1,13 +1,19 @@
-"""The op contract is registered with torch.library: opcheck on every op and backend, and torch.compile."""
+"""The op contract is registered with torch.library: opcheck on every op and every backend that runs here,
+torch.compile(fullgraph=True), one dispatch story for the compiled entries, and the number of device ops a
+training step dispatches."""
+
+import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ampclip
 from ampclip import ops
-from helpers import random_grads
+from helpers import CPU_BACKENDS, random_grads, rel_close
 
-CPU_BACKENDS = [name for name in ("reference", "cpp") if ops.available_backends()[name]]
+# The Triton interpreter runs opcheck's many calls slowly; its kernels are opchecked on a GPU.
+OPCHECK_BACKENDS = [b for b in CPU_BACKENDS if b != "triton"]
 
 
 def _inputs():
@@ -15,34 +21,57 @@ def _inputs():
     return grads, torch.tensor(0.5)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", OPCHECK_BACKENDS)
 @pytest.mark.parametrize("inv_scale", [False, True], ids=["plain", "unscale"])
-def test_opcheck_norm_pass(backend, inv_scale):
+@pytest.mark.parametrize("clamp", [None, [-0.25, 0.5]], ids=["noclamp", "clamp"])
+def test_opcheck_norm_pass(backend, inv_scale, clamp):
     grads, inv = _inputs()
-    torch.library.opcheck(torch.ops.ampclip.norm_pass.default, (grads, inv if inv_scale else None, 2.0, backend))
+    torch.library.opcheck(torch.ops.ampclip.norm_pass.default,
+                          (grads, inv if inv_scale else None, 2.0, clamp, backend))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("with_clip", [False, True], ids=["noclamp", "clamp"])
-def test_opcheck_scale_pass(backend, with_clip):
+@pytest.mark.parametrize("backend", OPCHECK_BACKENDS)
+@pytest.mark.parametrize("clamp", [None, [-0.25, 0.25]], ids=["noclamp", "clamp"])
+def test_opcheck_scale_pass(backend, clamp):
     grads, inv = _inputs()
-    args = (grads, torch.tensor(0.3), inv, 0.25 if with_clip else None, torch.tensor(0.0), False, backend)
+    args = (grads, torch.tensor(0.3), inv, clamp, torch.tensor(0.0), False, backend)
     torch.library.opcheck(torch.ops.ampclip.scale_pass.default, args)
 
 
-@pytest.mark.skipif(not ops.available_backends()["cpp"], reason="no _C")
-def test_opcheck_compiled_kernels():
-    grads, inv = _inputs()
-    torch.library.opcheck(torch.ops.ampclip_C.norm_pass.default, (grads, inv, 2.0))
-    torch.library.opcheck(
-        torch.ops.ampclip_C.scale_pass.default, (grads, torch.tensor(0.3), inv, 0.5, torch.tensor(0.0), True)
-    )
+@pytest.mark.parametrize("backend", OPCHECK_BACKENDS)
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["global", "per_tensor", "per_group"])
+@pytest.mark.parametrize("bound_tensor", [False, True], ids=["float_bound", "tensor_bound"])
+def test_opcheck_clip_finalize(backend, mode, bound_tensor):
+    per_tensor = torch.tensor([0.5, 3.0, 1.25, 0.0])
+    total = torch.linalg.vector_norm(per_tensor)
+    group_index = torch.tensor([0, 1, 0, 1]) if mode == 2 else None
+    bound = torch.tensor(1.5) if bound_tensor else None
+    args = (per_tensor, total, 1.5, bound, mode, group_index, 2 if mode == 2 else 0, 2.0, 1e-6, 0, backend)
+    torch.library.opcheck(torch.ops.ampclip.clip_finalize.default, args)
+
+
+@pytest.mark.parametrize("backend", OPCHECK_BACKENDS)
+@pytest.mark.parametrize("found", [0.0, 1.0], ids=["clean", "overflow"])
+def test_opcheck_scaler_update(backend, found):
+    state = torch.tensor([1024.0, 1 / 1024, 3.0, 1.0])
+    history = torch.full((3, 8), math.nan)
+    args = (state, history, torch.tensor(found), torch.tensor(2.5), 3, 2.0, 0.5, 4, 1, 1.0, 65536.0, True, backend)
+    torch.library.opcheck(torch.ops.ampclip.scaler_update.default, args)
+
+
+@pytest.mark.parametrize("backend", OPCHECK_BACKENDS)
+@pytest.mark.parametrize("layers", [False, True], ids=["counters", "layers"])
+def test_opcheck_clip_stats_update(backend, layers):
+    per_tensor = torch.tensor([0.5, 3.0, 1.25])
+    args = (torch.zeros(2, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64) if layers else None,
+            per_tensor, torch.tensor(0.5), torch.tensor(0.0), backend)
+    torch.library.opcheck(torch.ops.ampclip.clip_stats_update.default, args)
 
 
 def test_clip_compiles_with_fullgraph():
     def clip(grads, inv_scale):
-        _, total, found_inf = ops.norm_pass(grads, inv_scale, 2.0)
-        coef = (1.0 / (total + 1e-6)).clamp(max=1.0)
+        per_tensor, total, found_inf = ops.norm_pass(grads, inv_scale, 2.0)
+        coef = ops.clip_finalize(per_tensor, total, 1.0)[0]
         ops.scale_pass(grads, coef, inv_scale, None, found_inf, False)
         return total, found_inf
 
@@ -65,3 +94,105 @@ def test_drop_in_clip_compiles_with_fullgraph():
     total = compiled(params)
     assert abs(total.item() - ampclip.reference.exact_norm(grads, 2.0)) <= 1e-5 * total.item()
     assert abs(ampclip.reference.exact_norm([p.grad for p in params], 2.0) - 0.5) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every op dispatched while active, views excluded (they launch nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not _is_view(func):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _is_view(func) -> bool:
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="no _C")
+def test_compiled_entries_under_a_dispatch_mode_go_through_the_registered_ops():
+    grads = random_grads([(300,), (7, 3)])
+    want = ampclip.reference.exact_norm(grads, 2.0)
+    with OpRecorder() as recorder:
+        total = ops.norm_pass(grads, None, 2.0, backend="cpp")[1]
+        ops.scale_pass(grads, torch.tensor(0.5), backend="cpp")
+    assert recorder.ops.count("ampclip.norm_pass.default") == 1
+    assert recorder.ops.count("ampclip.scale_pass.default") == 1
+    assert rel_close(total.item(), want, 1e-6)
+    assert rel_close(ampclip.reference.exact_norm(grads, 2.0), want / 2, 1e-6)
+    params = ampclip.reference.parameters_of(grads)
+    with OpRecorder() as recorder:  # the drop-in's fast path steps aside too
+        ampclip.clip_grad_norm_(params, want / 4)
+    assert recorder.ops == ["ampclip.norm_pass.default", "ampclip.clip_finalize.default",
+                            "ampclip.scale_pass.default"]
+    assert rel_close(ampclip.reference.exact_norm(grads, 2.0), want / 4, 1e-5)
+
+
+def _model(n: int) -> list[torch.nn.Parameter]:
+    params = [torch.nn.Parameter(torch.randn(64)) for _ in range(n)]
+    for p in params:
+        p.grad = torch.randn(64) * 100
+    return params
+
+
+def _count(fn) -> list[str]:
+    fn()  # warm: tables and caches built, as in every step after the first
+    with OpRecorder() as recorder:
+        fn()
+    return recorder.ops
+
+
+@pytest.mark.parametrize("tensors", [20, 2000])
+def test_a_step_dispatches_a_handful_of_device_ops_whatever_the_tensor_count(tensors):
+    """unscale_and_clip_ + update() and GradientClipper.clip_() dispatch a fixed, small number of ops (each a
+    kernel launch on a GPU), independent of the number of tensors: the bookkeeping is in the small ops."""
+    params = _model(tensors)
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    scaler = ampclip.DynamicLossScaler("cpu", init_scale=1024.0)
+    loss = torch.ones(())
+
+    def scaler_step():
+        scaler.scale(loss)
+        scaler.unscale_and_clip_(optimizer, max_norm=1.0)
+        scaler.update()
+
+    clipper = ampclip.GradientClipper(params, "norm", max_norm=1.0)
+    scaler_ops = [op for op in _count(scaler_step) if op != "aten.mul.Tensor"]  # minus scale() itself
+    clipper_ops = _count(clipper.clip_)
+    print(f"\n{tensors} tensors: unscale_and_clip_ + update {len(scaler_ops)} ops {scaler_ops}; "
+          f"GradientClipper.clip_ {len(clipper_ops)} ops {clipper_ops}")
+    assert len(scaler_ops) <= 10, scaler_ops
+    assert len(clipper_ops) <= 8, clipper_ops
+    assert scaler_ops.count("ampclip.norm_pass.default") == 1 and "ampclip.scaler_update.default" in scaler_ops
+
+
+def test_torch_chain_op_count_for_comparison():
+    """torch's own chain (GradScaler.unscale_ + clip_grad_norm_ + update), counted the same way: recorded in
+    the benchmarks beside ampclip's. Here only that it runs and grows with the tensor count."""
+    counts = [len(_count(torch_step(tensors))) for tensors in (20, 200)]
+    assert counts[1] > counts[0] > 0
+
+
+def torch_step(tensors: int):
+    """torch's chain on ``tensors`` parameters: scale, GradScaler.unscale_, clip_grad_norm_, step, update."""
+    params = _model(tensors)
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    loss = torch.ones(())
+
+    def step():
+        scaler.scale(loss)
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step

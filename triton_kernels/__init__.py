@@ -1,12 +1,14 @@
 """Triton kernels of ampclip (installed as ``ampclip.triton_kernels``): the fused norm pass with its
-deterministic finalize, and the scale pass, over any list of gradients in one launch per kernel (three for
-the norm pass, one for the scale pass), whatever the number of tensors or dtypes.
+deterministic finalize, the scale pass, and the small ops (clip coefficient, loss-scale update, clip
+statistics), over any list of gradients in one launch per kernel, whatever the number of tensors or dtypes.
 
-Kernels sit below the op layer: nothing here imports the ampclip Python package.
+Kernels sit below the op layer: nothing here imports the ampclip Python package. The launchers of the two
+gradient passes take a tensor table, built and cached by their caller (``ampclip/backends/tensor_table.py``).
 """
 
 from .fused_norm import fused_norm_triton
 from .fused_scale import fused_scale_triton
-from .tensor_table import CHUNK, cache_info, clear_cache, tensor_table
+from .small_ops import clip_finalize_triton, clip_stats_update_triton, scaler_update_triton
 
-__all__ = ["CHUNK", "cache_info", "clear_cache", "fused_norm_triton", "fused_scale_triton", "tensor_table"]
+__all__ = ["clip_finalize_triton", "clip_stats_update_triton", "fused_norm_triton",
+           "fused_scale_triton", "scaler_update_triton"]

@@ -1,10 +1,12 @@
-"""Pass 1: one read of every gradient. Unscale on the fly, flag inf/NaN exactly, accumulate a partial of
-|u|^p (or max |u|) per chunk; then a fixed-order finalize into per-tensor norms, the total norm and found_inf.
+"""Pass 1: one read of every gradient. Unscale on the fly, flag inf/NaN exactly, clamp when asked, accumulate
+a partial of |u|^p (or max |u|) per chunk; then a fixed-order finalize into per-tensor norms, the total norm
+and found_inf.
 
 Three launches whatever the number of tensors and dtypes:
 
-1. ``_fused_norm_kernel``, one program per chunk (tensor table, ``tensor_table.py``): writes partial[c]
-   and flag[c] (0 finite, 1 inf, 2 NaN) into a scratch buffer. Every slot is written by exactly one program.
+1. ``_fused_norm_kernel``, one program per chunk of the tensor table (built by the adapter,
+   ``ampclip/backends/tensor_table.py``, and passed in): writes partial[c] (float64) and flag[c] (0 finite,
+   1 inf, 2 NaN) into a scratch buffer. Every slot is written by exactly one program.
 2. ``_tensor_finalize_kernel``, one program per tensor: reduces the tensor's chunk slots in index order
    (float64, tiny data) and writes the per-tensor norm plus its accumulator and flag.
 3. ``_total_finalize_kernel``, one program: reduces the T per-tensor accumulators in index order into the
@@ -20,13 +22,12 @@ overflows (|u| > 1.8e19 in fp32) does not set it. The inf-norm replaces NaN by 0
 from __future__ import annotations
 
 import math
+import struct
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-
-from .tensor_table import CHUNK, tensor_table
 
 BLOCK = 1024  # elements per loop step: 8 per thread at 4 warps, a 16-byte load for fp16
 FINALIZE_BLOCK = 256  # chunk slots per step of the per-tensor finalize (most tensors own 1 chunk)
@@ -39,9 +40,10 @@ _FP64_MAX = torch.finfo(torch.float64).max
 
 
 @triton.jit
-def _chunk_partial(base, start, n, inv, p, ACC: tl.constexpr, MAX_FINITE: tl.constexpr, NORM: tl.constexpr,
-                   HAS_INV: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """(partial, flag) of elements start .. start+n of ``base`` (a typed pointer); n <= CHUNK."""
+def _chunk_partial(base, start, n, inv, p, lo, hi, ACC: tl.constexpr, MAX_FINITE: tl.constexpr,
+                   NORM: tl.constexpr, HAS_INV: tl.constexpr, HAS_CLAMP: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """(partial, flag) of elements start .. start+n of ``base`` (a typed pointer), n <= CHUNK, accumulated in
+    ACC; the partial comes back as float64."""
     acc = tl.zeros([BLOCK_SIZE], dtype=ACC)
     flag = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
     offsets = tl.arange(0, BLOCK_SIZE)
@@ -53,7 +55,11 @@ def _chunk_partial(base, start, n, inv, p, ACC: tl.constexpr, MAX_FINITE: tl.con
             x = x * inv
         a = tl.abs(x)
         is_nan = x != x
-        flag = tl.maximum(flag, tl.where(is_nan, 2, tl.where(a > MAX_FINITE, 1, 0)))
+        flag = tl.maximum(flag, tl.where(is_nan, 2, tl.where(a > MAX_FINITE, 1, 0)))  # before the clamp
+        if HAS_CLAMP:
+            x = tl.where(x < lo.to(ACC), lo.to(ACC), x)
+            x = tl.where(x > hi.to(ACC), hi.to(ACC), x)
+            a = tl.abs(x)
         if NORM == 0:
             acc += x * x
         elif NORM == 1:
@@ -68,7 +74,22 @@ def _chunk_partial(base, start, n, inv, p, ACC: tl.constexpr, MAX_FINITE: tl.con
         partial = tl.max(acc, axis=0)
     else:
         partial = tl.sum(acc, axis=0)
-    return partial, tl.max(flag, axis=0)
+    return partial.to(tl.float64), tl.max(flag, axis=0)
+
+
+@triton.jit
+def _measure_chunk(base, start, n, inv, p, lo, hi, ACC: tl.constexpr, MAX_FINITE: tl.constexpr,
+                   NORM: tl.constexpr, HAS_INV: tl.constexpr, HAS_CLAMP: tl.constexpr, WIDEN: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr):
+    """:func:`_chunk_partial`; with ``WIDEN``, summed again in float64 when the float32 sum overflowed with
+    nothing inf or NaN."""
+    partial, flag = _chunk_partial(base, start, n, inv, p, lo, hi, ACC, MAX_FINITE, NORM, HAS_INV, HAS_CLAMP,
+                                   BLOCK_SIZE)
+    if WIDEN:
+        if (partial == float("inf")) & (flag == 0):
+            partial, flag = _chunk_partial(base, start, n, inv, p, lo, hi, tl.float64, MAX_FINITE, NORM, HAS_INV,
+                                           HAS_CLAMP, BLOCK_SIZE)
+    return partial, flag
 
 
 @triton.jit
@@ -80,11 +101,11 @@ def _chunk_location(pid, t, table_ptrs, table_numels, table_codes, chunk_begin, 
     return start, n, tl.load(table_codes + t), tl.load(table_ptrs + t)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["lo_bits", "hi_bits"])
 def _fused_norm_kernel(
     table_ptrs, table_numels, table_codes, chunk_begin, chunk_tensor, inv_scale_ptr, partial_out, flag_out, p,
-    ACC: tl.constexpr, MAX_FINITE: tl.constexpr, NORM: tl.constexpr, HAS_INV: tl.constexpr,
-    CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    lo_bits, hi_bits, ACC: tl.constexpr, MAX_FINITE: tl.constexpr, NORM: tl.constexpr, HAS_INV: tl.constexpr,
+    HAS_CLAMP: tl.constexpr, WIDEN: tl.constexpr, CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(chunk_tensor + pid)
@@ -92,27 +113,23 @@ def _fused_norm_kernel(
     inv = 1.0
     if HAS_INV:
         inv = tl.load(inv_scale_ptr).to(ACC)
+    lo = lo_bits.to(tl.int64).to(tl.float64, bitcast=True)  # the exact Python floats
+    hi = hi_bits.to(tl.int64).to(tl.float64, bitcast=True)
     # One branch per dtype (uniform within a program): one launch covers a mixed-dtype list.
     if code == 0:
-        partial, flag = _chunk_partial(addr.to(tl.pointer_type(tl.float16)), start, n, inv, p,
-                                       ACC, MAX_FINITE, NORM, HAS_INV, BLOCK_SIZE)
-        tl.store(partial_out + pid, partial.to(ACC))
-        tl.store(flag_out + pid, flag.to(ACC))
+        partial, flag = _measure_chunk(addr.to(tl.pointer_type(tl.float16)), start, n, inv, p, lo, hi,
+                                       ACC, MAX_FINITE, NORM, HAS_INV, HAS_CLAMP, WIDEN, BLOCK_SIZE)
     elif code == 1:
-        partial, flag = _chunk_partial(addr.to(tl.pointer_type(tl.bfloat16)), start, n, inv, p,
-                                       ACC, MAX_FINITE, NORM, HAS_INV, BLOCK_SIZE)
-        tl.store(partial_out + pid, partial.to(ACC))
-        tl.store(flag_out + pid, flag.to(ACC))
+        partial, flag = _measure_chunk(addr.to(tl.pointer_type(tl.bfloat16)), start, n, inv, p, lo, hi,
+                                       ACC, MAX_FINITE, NORM, HAS_INV, HAS_CLAMP, WIDEN, BLOCK_SIZE)
     elif code == 2:
-        partial, flag = _chunk_partial(addr.to(tl.pointer_type(tl.float32)), start, n, inv, p,
-                                       ACC, MAX_FINITE, NORM, HAS_INV, BLOCK_SIZE)
-        tl.store(partial_out + pid, partial.to(ACC))
-        tl.store(flag_out + pid, flag.to(ACC))
+        partial, flag = _measure_chunk(addr.to(tl.pointer_type(tl.float32)), start, n, inv, p, lo, hi,
+                                       ACC, MAX_FINITE, NORM, HAS_INV, HAS_CLAMP, WIDEN, BLOCK_SIZE)
     else:
-        partial, flag = _chunk_partial(addr.to(tl.pointer_type(tl.float64)), start, n, inv, p,
-                                       ACC, MAX_FINITE, NORM, HAS_INV, BLOCK_SIZE)
-        tl.store(partial_out + pid, partial.to(ACC))
-        tl.store(flag_out + pid, flag.to(ACC))
+        partial, flag = _measure_chunk(addr.to(tl.pointer_type(tl.float64)), start, n, inv, p, lo, hi,
+                                       ACC, MAX_FINITE, NORM, HAS_INV, HAS_CLAMP, WIDEN, BLOCK_SIZE)
+    tl.store(partial_out + pid, partial)
+    tl.store(flag_out + pid, flag.to(tl.float64))
 
 
 @triton.jit
@@ -185,36 +202,36 @@ def _scratch(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return torch.full((size,), SCRATCH_FILL, dtype=dtype, device=device)
 
 
-def fused_norm_triton(grads: list[torch.Tensor], inv_scale: Optional[torch.Tensor], norm_type: float,
-                      chunk: int = CHUNK):
-    """``(per_tensor_norms, total_norm, found_inf)`` of ``grads * inv_scale``: ``ampclip::norm_pass``.
+def float_bits(x: float) -> int:
+    """A float64's bit pattern as an int: Triton passes Python floats as float32, which would round a bound
+    that float64 gradients compare against."""
+    return struct.unpack("<q", struct.pack("<d", x))[0]
 
-    Norms are float32 (float64 when any gradient is float64; then every gradient is accumulated in
-    float64, as the reference does); ``found_inf`` is a 0-d float32, 1.0 exactly when some unscaled element
-    is inf or NaN. Three launches whatever the number of tensors or dtypes, no host sync, bitwise
-    deterministic. ``chunk`` (elements per program) is for tests; results do not depend on it beyond
-    rounding.
 
-    Example::
+def fused_norm_triton(table, inv_scale: Optional[torch.Tensor], norm_type: float,
+                      clamp: Optional[tuple[float, float]] = None):
+    """``(per_tensor_norms, total_norm, found_inf)`` of the table's tensors: ``ampclip::norm_pass``.
 
-        per_tensor, total, found_inf = fused_norm_triton([p.grad for p in params], inv_scale, 2.0)
+    ``table`` is a tensor table (``ampclip/backends/tensor_table.py``: device sections ``dev_ptrs``,
+    ``numels``, ``codes``, ``chunk_begin``, ``chunk_tensor``, and ``num_tensors``, ``num_chunks``, ``chunk``,
+    ``has_fp64``) whose non-contiguous tensors are already staged. Each element is unscaled by
+    ``inv_scale`` (a 0-d device tensor), checked, clamped to ``clamp`` and measured. Norms are float32
+    (float64 when any tensor is float64; then every one accumulates in float64, as the reference does);
+    ``found_inf`` is a 0-d float32, 1.0 exactly when some unscaled element is inf or NaN. Three launches
+    whatever the number of tensors or dtypes, no host sync, bitwise deterministic.
     """
     if not (norm_type > 0):
         raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
-    if not grads:
-        zero = torch.zeros((), dtype=torch.float32)
-        return torch.zeros(0), zero, zero.clone()
-    table = tensor_table(grads, chunk)
-    device = grads[0].device
+    device = table.buffer.device
     acc_dtype = torch.float64 if table.has_fp64 else torch.float32
     norm_kind = _norm_kind(norm_type)
     inv_p = 1.0 / norm_type if norm_kind == NORM_P else 1.0
     if inv_scale is not None and inv_scale.device != device:
         inv_scale = inv_scale.to(device)
-    table.stage_in(grads)
+    lo, hi = clamp if clamp is not None else (0.0, 0.0)
     n, c = table.num_tensors, table.num_chunks
-    # scratch: chunk partials and flags (acc dtype), then per-tensor accumulators and flags (float64)
-    chunk_scratch = _scratch(2 * c, acc_dtype, device)
+    # scratch: chunk partials and flags, then per-tensor accumulators and flags (all float64)
+    chunk_scratch = _scratch(2 * c, torch.float64, device)
     tensor_scratch = _scratch(2 * n, torch.float64, device)
     out = torch.empty(n + 1, dtype=acc_dtype, device=device)  # per-tensor norms, then the total
     found_inf = torch.empty((), dtype=torch.float32, device=device)
@@ -222,10 +239,12 @@ def fused_norm_triton(grads: list[torch.Tensor], inv_scale: Optional[torch.Tenso
         _fused_norm_kernel[(c,)](
             table.dev_ptrs, table.numels, table.codes, table.chunk_begin, table.chunk_tensor,
             inv_scale if inv_scale is not None else table.buffer, chunk_scratch[:c], chunk_scratch[c:],
-            float(norm_type) if norm_kind == NORM_P else 1.0,
+            float(norm_type) if norm_kind == NORM_P else 1.0, float_bits(float(lo)), float_bits(float(hi)),
             ACC=tl.float64 if table.has_fp64 else tl.float32,
             MAX_FINITE=_FP64_MAX if table.has_fp64 else _FP32_MAX, NORM=norm_kind,
-            HAS_INV=int(inv_scale is not None), CHUNK_SIZE=chunk, BLOCK_SIZE=BLOCK,
+            HAS_INV=int(inv_scale is not None), HAS_CLAMP=int(clamp is not None),
+            WIDEN=int(not table.has_fp64 and norm_kind != NORM_INF), CHUNK_SIZE=table.chunk,
+            BLOCK_SIZE=BLOCK,
         )
     _tensor_finalize_kernel[(n,)](
         chunk_scratch[:c], chunk_scratch[c:], table.chunk_begin, out, tensor_scratch[:n], tensor_scratch[n:],

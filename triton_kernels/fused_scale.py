@@ -1,4 +1,4 @@
-"""Pass 2: g <- clamp(g * inv_scale, -clip, clip) * coef, in place: one read and one write per element,
+"""Pass 2: g <- clamp(g * inv_scale, lo, hi) * coef, in place: one read and one write per element,
 one launch for the whole list (all dtypes: a program branches on its tensor's dtype code).
 
 Every decision is read from device memory inside the kernel, so nothing waits for the host and the launch
@@ -13,17 +13,14 @@ rounding on the store.
 
 from __future__ import annotations
 
-import math
 import os
-import struct
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .fused_norm import BLOCK, _chunk_location
-from .tensor_table import CHUNK, tensor_table
+from .fused_norm import BLOCK, _chunk_location, float_bits
 
 # Triton's interpreter (TRITON_INTERPRET=1, how CI runs these kernels on CPU) truncates float32 -> bfloat16
 # instead of rounding to nearest even as the GPU does, which would make CPU results differ from the
@@ -33,10 +30,11 @@ _SOFT_BF16 = int(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
-def _scale_chunk(base, start, n, coef, inv, clip, zero, COMPUTE: tl.constexpr, HAS_INV: tl.constexpr,
+def _scale_chunk(base, start, n, coef, inv, lo, hi, zero, COMPUTE: tl.constexpr, HAS_INV: tl.constexpr,
                  HAS_CLIP: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     c = coef.to(COMPUTE)
-    lim = clip.to(COMPUTE)  # rounded once to the compute dtype, as torch.clamp rounds its scalar
+    low = lo.to(COMPUTE)  # rounded once to the compute dtype, as torch.clamp rounds its scalars
+    high = hi.to(COMPUTE)
     offsets = tl.arange(0, BLOCK_SIZE)
     for i in range(0, n, BLOCK_SIZE):
         mask = i + offsets < n
@@ -45,8 +43,8 @@ def _scale_chunk(base, start, n, coef, inv, clip, zero, COMPUTE: tl.constexpr, H
         if HAS_INV:
             u = u * inv.to(COMPUTE)
         if HAS_CLIP:
-            u = tl.where(u < -lim, -lim, u)
-            u = tl.where(u > lim, lim, u)
+            u = tl.where(u < low, low, u)
+            u = tl.where(u > high, high, u)
         u = tl.where(zero, 0.0, u * c)
         if SOFT_BF16:
             # round to nearest even by hand (what cvt.rn.bf16.f32 does on the GPU); NaN -> 0x7FC0 as in c10
@@ -58,10 +56,10 @@ def _scale_chunk(base, start, n, coef, inv, clip, zero, COMPUTE: tl.constexpr, H
             tl.store(base + idx, u.to(base.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["clip_bits"])
+@triton.jit(do_not_specialize=["lo_bits", "hi_bits"])
 def _fused_scale_kernel(
     table_ptrs, table_numels, table_codes, chunk_begin, chunk_tensor, coef_ptr, inv_scale_ptr, found_inf_ptr,
-    clip_bits, PER_TENSOR_COEF: tl.constexpr, HAS_INV: tl.constexpr, HAS_CLIP: tl.constexpr,
+    lo_bits, hi_bits, PER_TENSOR_COEF: tl.constexpr, HAS_INV: tl.constexpr, HAS_CLIP: tl.constexpr,
     HAS_FOUND: tl.constexpr, ZERO_IF_INF: tl.constexpr, SOFT_BF16: tl.constexpr, CHUNK_SIZE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
@@ -86,52 +84,38 @@ def _fused_scale_kernel(
         inv = 1.0
         if HAS_INV:
             inv = tl.load(inv_scale_ptr)
-        clip = clip_bits.to(tl.int64).to(tl.float64, bitcast=True)  # the exact Python float
+        lo = lo_bits.to(tl.int64).to(tl.float64, bitcast=True)  # the exact Python floats
+        hi = hi_bits.to(tl.int64).to(tl.float64, bitcast=True)
         if code == 0:
-            _scale_chunk(addr.to(tl.pointer_type(tl.float16)), start, n, coef, inv, clip, zero,
+            _scale_chunk(addr.to(tl.pointer_type(tl.float16)), start, n, coef, inv, lo, hi, zero,
                          tl.float32, HAS_INV, HAS_CLIP, 0, BLOCK_SIZE)
         elif code == 1:
-            _scale_chunk(addr.to(tl.pointer_type(tl.bfloat16)), start, n, coef, inv, clip, zero,
+            _scale_chunk(addr.to(tl.pointer_type(tl.bfloat16)), start, n, coef, inv, lo, hi, zero,
                          tl.float32, HAS_INV, HAS_CLIP, SOFT_BF16, BLOCK_SIZE)
         elif code == 2:
-            _scale_chunk(addr.to(tl.pointer_type(tl.float32)), start, n, coef, inv, clip, zero,
+            _scale_chunk(addr.to(tl.pointer_type(tl.float32)), start, n, coef, inv, lo, hi, zero,
                          tl.float32, HAS_INV, HAS_CLIP, 0, BLOCK_SIZE)
         else:
-            _scale_chunk(addr.to(tl.pointer_type(tl.float64)), start, n, coef, inv, clip, zero,
+            _scale_chunk(addr.to(tl.pointer_type(tl.float64)), start, n, coef, inv, lo, hi, zero,
                          tl.float64, HAS_INV, HAS_CLIP, 0, BLOCK_SIZE)
 
 
-def _float_bits(x: float) -> int:
-    """A float64's bit pattern as an int: Triton passes Python floats as float32, which would round a clip
-    value that float64 gradients compare against."""
-    return struct.unpack("<q", struct.pack("<d", x))[0]
+def fused_scale_triton(table, coef: torch.Tensor, inv_scale: Optional[torch.Tensor],
+                       clamp: Optional[tuple[float, float]], found_inf: Optional[torch.Tensor],
+                       zero_if_inf: bool) -> None:
+    """In place ``g <- clamp(g * inv_scale, lo, hi) * coef`` over the table's tensors: ``ampclip::scale_pass``.
 
-
-def fused_scale_triton(grads: list[torch.Tensor], coef: torch.Tensor, inv_scale: Optional[torch.Tensor],
-                       clip_value: Optional[float], found_inf: Optional[torch.Tensor], zero_if_inf: bool,
-                       chunk: int = CHUNK) -> None:
-    """In place ``g <- clamp(g * inv_scale, ±clip_value) * coef``: ``ampclip::scale_pass``.
-
-    ``coef`` is a device tensor, 0-d or one entry per gradient. With ``found_inf`` non-zero the gradients
-    are zeroed (``zero_if_inf``) or left untouched, decided on the device. One launch for the whole list;
-    no host sync. Bad input raises before anything is written.
-
-    Example::
-
-        fused_scale_triton(grads, coef=clip_coef, inv_scale=None, clip_value=None, found_inf=None,
-                           zero_if_inf=False)
+    ``table`` as for ``fused_norm_triton`` (non-contiguous tensors staged in before, and copied back out
+    by the caller after). ``coef`` is a device tensor, 0-d or one entry per tensor. With ``found_inf``
+    non-zero the gradients are zeroed (``zero_if_inf``) or left untouched, decided on the device. One launch
+    for the whole list; no host sync.
     """
-    if not grads:
-        return
-    n = len(grads)
+    n = table.num_tensors
     if coef.numel() != 1 and coef.numel() != n:
         raise ValueError(f"coef must hold 1 or {n} elements, got {coef.numel()}")
-    if clip_value is not None and not (clip_value >= 0):  # also rejects NaN
-        raise ValueError(f"clip_value must be >= 0, got {clip_value}")
-    table = tensor_table(grads, chunk)  # validates dtypes and devices
     if table.num_chunks == 0:
         return
-    device = grads[0].device
+    device = table.buffer.device
     if coef.device != device:
         coef = coef.to(device)
     if not coef.is_contiguous():
@@ -140,14 +124,12 @@ def fused_scale_triton(grads: list[torch.Tensor], coef: torch.Tensor, inv_scale:
         inv_scale = inv_scale.to(device)
     if found_inf is not None and found_inf.device != device:
         found_inf = found_inf.to(device)
-    clip = math.inf if clip_value is None else float(clip_value)
-    table.stage_in(grads)
+    lo, hi = clamp if clamp is not None else (0.0, 0.0)
     _fused_scale_kernel[(table.num_chunks,)](
         table.dev_ptrs, table.numels, table.codes, table.chunk_begin, table.chunk_tensor, coef,
         inv_scale if inv_scale is not None else coef, found_inf if found_inf is not None else coef,
-        _float_bits(clip),
+        float_bits(float(lo)), float_bits(float(hi)),
         PER_TENSOR_COEF=int(coef.numel() != 1), HAS_INV=int(inv_scale is not None),
-        HAS_CLIP=int(clip_value is not None), HAS_FOUND=int(found_inf is not None),
-        ZERO_IF_INF=int(bool(zero_if_inf)), SOFT_BF16=_SOFT_BF16, CHUNK_SIZE=chunk, BLOCK_SIZE=BLOCK,
+        HAS_CLIP=int(clamp is not None), HAS_FOUND=int(found_inf is not None),
+        ZERO_IF_INF=int(bool(zero_if_inf)), SOFT_BF16=_SOFT_BF16, CHUNK_SIZE=table.chunk, BLOCK_SIZE=BLOCK,
     )
-    table.stage_out(grads)

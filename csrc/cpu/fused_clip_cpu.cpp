@@ -1,18 +1,20 @@
-// CPU kernels of the two ampclip ops (see ampclip/ops.py for the contract).
+// CPU kernels of the two gradient passes of the op contract (see ampclip/ops.py).
 //
 // norm_pass: one read of every gradient. Each element is unscaled on the fly and accumulated in float SIMD
-// lanes; every kBlock elements the lanes are folded into a double partial. The work
-// is cut into fixed chunks of kChunk elements, each chunk writes its own partial, and the partials are
-// reduced in a fixed order afterwards, so the norm is bitwise identical whatever the thread count.
+// lanes; every kBlock elements the lanes are folded into a double partial. The work is cut into fixed
+// chunks of kChunk elements, each chunk writes its own partial, and the partials are reduced in a fixed
+// order afterwards, so the norm is bitwise identical whatever the thread count. A chunk whose float lanes
+// overflowed although every element is finite (squares past 3.4e38: |g| > 1.8e19) is measured again with
+// double accumulation, so the norm is right whenever a double holds its sum of squares.
 //
-// scale_pass: one read and one write, g <- clamp(g * inv_scale, -c, c) * coef. On the CPU the values of
+// scale_pass: one read and one write, g <- clamp(g * inv_scale, lo, hi) * coef. On the CPU the values of
 // coef, inv_scale and found_inf cost nothing to read, so tensors that would be multiplied by exactly 1 are
 // not touched at all.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "fused_clip_cpu.h"
 
@@ -31,8 +33,6 @@ namespace {
 
 // Elements per work item. Fixed, so that the partials (and the result) do not depend on threads.
 constexpr int64_t kChunk = 1 << 16;
-// torch.nn.utils.clip_grad_norm_'s eps.
-constexpr double kEps = 1e-6;
 // Elements summed in float lanes before they are flushed into a double: float SIMD speed, and at most
 // kBlock / 16 = 128 float additions per lane before the double takes over. Larger blocks amortise the
 // flush (a serial chain of double additions) better; smaller ones round less.
@@ -266,6 +266,22 @@ double reduce_chunk(const scalar_t* x, int64_t n, double inv, double p) {
   }
 }
 
+// What happens to each element before it is measured: u = x * inv (when `unscale`), then the optional
+// value clamp to [lo, hi]. The inf/NaN check always sees u before the clamp.
+struct Transform {
+  bool unscale = false;
+  double inv = 1.0;
+  bool clamp = false;
+  double lo = 0.0;
+  double hi = 0.0;
+};
+
+template <typename T>
+inline T clamp_to(T u, T lo, T hi) {  // compares and selects: a NaN passes through, as in torch.clamp
+  u = u < lo ? lo : u;
+  return u > hi ? hi : u;
+}
+
 // Exact inf/NaN test of x * inv, run only when a chunk's partial is not finite: that is the case whenever an
 // element is inf or NaN, so the fast loop needs no probe, and a partial that merely overflowed (squares of
 // finite values past 3.4e38) is not reported as inf/NaN.
@@ -279,20 +295,88 @@ bool has_nonfinite(const scalar_t* x, int64_t n, double inv) {
   return false;
 }
 
+// A block of x as floats in `out` (float16 with F16C where the CPU has it, bfloat16 by a shift).
 template <typename scalar_t>
-double reduce_any(const scalar_t* x, int64_t n, bool unscale, double inv, NormKind kind, double p, bool& nonfinite) {
-  double partial;
-#define AMPCLIP_REDUCE(KIND)                                                                       \
-  partial = unscale ? reduce_chunk<scalar_t, KIND, true>(x, n, inv, p) : reduce_chunk<scalar_t, KIND, false>(x, n, inv, p)
-  switch (kind) {
-    case NormKind::kL2: AMPCLIP_REDUCE(NormKind::kL2); break;
-    case NormKind::kL1: AMPCLIP_REDUCE(NormKind::kL1); break;
-    case NormKind::kInf: AMPCLIP_REDUCE(NormKind::kInf); break;
-    default: AMPCLIP_REDUCE(NormKind::kP); break;
+void widen_block(const scalar_t* x, int64_t n, float* out) {
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    widen(x, n, out);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(x[i]);
   }
-#undef AMPCLIP_REDUCE
-  nonfinite = !std::isfinite(partial) && has_nonfinite(x, n, unscale ? inv : 1.0);
+}
+
+// The clamped norm: each block is widened, unscaled and clamped into a buffer that stays in L1, then reduced
+// like an unclamped block. `nonfinite` is set from the values before the clamp (inf * 0 is NaN, so the
+// probe sum is NaN exactly when some u is inf or NaN), since after it an inf would look finite.
+template <typename scalar_t, NormKind kind>
+double reduce_clamped(const scalar_t* x, int64_t n, const Transform& tr, double p, bool& nonfinite) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const auto inv = static_cast<acc_t>(tr.inv);
+  const auto lo = static_cast<acc_t>(tr.lo);
+  const auto hi = static_cast<acc_t>(tr.hi);
+  acc_t probe = 0;
+  double partial = 0.0;
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    for (int64_t i = 0; i < n; ++i) {
+      const double u = tr.unscale ? x[i] * inv : x[i];
+      probe += u * 0.0;
+      partial = accumulate<kind>(partial, clamp_to(u, lo, hi), p);
+    }
+  } else {
+    float buffer[kBlock];
+    for (int64_t block = 0; block < n; block += kBlock) {
+      const int64_t m = std::min(n - block, kBlock);
+      widen_block(x + block, m, buffer);
+      for (int64_t i = 0; i < m; ++i) {
+        const float u = tr.unscale ? buffer[i] * inv : buffer[i];
+        probe += u * 0.0f;
+        buffer[i] = clamp_to(u, lo, hi);
+      }
+      partial = fold<kind>(partial, reduce_block<kind, false, float>(buffer, m, 1.0f, static_cast<float>(p)));
+    }
+  }
+  nonfinite = probe != probe;
   return partial;
+}
+
+// The chunk again, every |u|^p summed in double: taken only when the float lanes overflowed although every
+// element is finite. Each u is rounded as in the fast loop (float for 16- and 32-bit gradients).
+template <typename scalar_t, NormKind kind>
+double reduce_wide(const scalar_t* x, int64_t n, const Transform& tr, double p) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const auto inv = static_cast<acc_t>(tr.inv);
+  double acc = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t u = static_cast<acc_t>(x[i]);
+    if (tr.unscale) u *= inv;
+    if (tr.clamp) u = clamp_to(u, static_cast<acc_t>(tr.lo), static_cast<acc_t>(tr.hi));
+    acc = accumulate<kind>(acc, static_cast<double>(u), p);
+  }
+  return acc;
+}
+
+template <typename scalar_t, NormKind kind>
+double reduce_kind(const scalar_t* x, int64_t n, const Transform& tr, double p, bool& nonfinite) {
+  double partial;
+  if (tr.clamp) {
+    partial = reduce_clamped<scalar_t, kind>(x, n, tr, p, nonfinite);
+  } else {
+    partial = tr.unscale ? reduce_chunk<scalar_t, kind, true>(x, n, tr.inv, p)
+                         : reduce_chunk<scalar_t, kind, false>(x, n, tr.inv, p);
+    nonfinite = !std::isfinite(partial) && has_nonfinite(x, n, tr.unscale ? tr.inv : 1.0);
+  }
+  if (!std::isfinite(partial) && !nonfinite) partial = reduce_wide<scalar_t, kind>(x, n, tr, p);
+  return partial;
+}
+
+template <typename scalar_t>
+double reduce_any(const scalar_t* x, int64_t n, const Transform& tr, NormKind kind, double p, bool& nonfinite) {
+  switch (kind) {
+    case NormKind::kL2: return reduce_kind<scalar_t, NormKind::kL2>(x, n, tr, p, nonfinite);
+    case NormKind::kL1: return reduce_kind<scalar_t, NormKind::kL1>(x, n, tr, p, nonfinite);
+    case NormKind::kInf: return reduce_kind<scalar_t, NormKind::kInf>(x, n, tr, p, nonfinite);
+    default: return reduce_kind<scalar_t, NormKind::kP>(x, n, tr, p, nonfinite);
+  }
 }
 
 // x <- x * inv * coef for floats, over four interleaved streams like reduce_streams: more reads in flight
@@ -362,21 +446,18 @@ void scale_bf16(uint16_t* bits, int64_t n, float inv, float coef) {
   scale_bf16_portable(bits, n, inv, coef);
 }
 
-// x <- clamp(x * inv, -clip, clip) * coef, rounded once. Written as compares and selects so that the float
+// x <- clamp(x * inv, lo, hi) * coef, rounded once. Written as compares and selects so that the float
 // loop vectorises; a NaN passes through the clamp, as in torch.clamp.
 template <typename scalar_t>
-void scale_chunk(scalar_t* x, int64_t n, double inv, bool has_clip, double clip, double coef) {
+void scale_chunk(scalar_t* x, int64_t n, const Transform& tr, double coef) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const auto inv_a = static_cast<acc_t>(inv);
-  const auto hi = static_cast<acc_t>(clip);
-  const auto lo = -hi;
+  const auto inv_a = static_cast<acc_t>(tr.unscale ? tr.inv : 1.0);
+  const auto lo = static_cast<acc_t>(tr.lo);
+  const auto hi = static_cast<acc_t>(tr.hi);
   const auto coef_a = static_cast<acc_t>(coef);
-  if (has_clip) {
+  if (tr.clamp) {
     for (int64_t i = 0; i < n; ++i) {
-      acc_t u = static_cast<acc_t>(x[i]) * inv_a;
-      u = u < lo ? lo : u;
-      u = u > hi ? hi : u;
-      x[i] = static_cast<scalar_t>(u * coef_a);
+      x[i] = static_cast<scalar_t>(clamp_to(static_cast<acc_t>(x[i]) * inv_a, lo, hi) * coef_a);
     }
   } else if constexpr (std::is_same_v<scalar_t, float>) {
     scale_floats(x, n, inv_a, coef_a);
@@ -443,7 +524,7 @@ struct Reduction {
 
 // The norm pass proper: one read of every gradient, partials per chunk, then a fixed-order reduction of
 // chunks into gradients and gradients into the total.
-Reduction reduce(const CpuGrads& grads, bool unscale, double inv, NormKind kind, double p) {
+Reduction reduce(const CpuGrads& grads, const Transform& tr, NormKind kind, double p) {
   const auto& spans = grads.spans;
   const auto items = make_work(spans, nullptr);
   std::vector<double> partial(items.size());
@@ -456,7 +537,7 @@ Reduction reduce(const CpuGrads& grads, bool unscale, double inv, NormKind kind,
       bool nonfinite = false;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, span.dtype, "ampclip_norm_pass_cpu", [&] {
         partial[i] = reduce_any<scalar_t>(static_cast<const scalar_t*>(span.data) + item.begin,
-                                          item.end - item.begin, unscale, inv, kind, p, nonfinite);
+                                          item.end - item.begin, tr, kind, p, nonfinite);
       });
       chunk_nonfinite[i] = nonfinite;
     }
@@ -476,21 +557,39 @@ at::TensorOptions norm_options(const CpuGrads& grads) {
   return at::TensorOptions().dtype(grads.any_double ? at::kDouble : at::kFloat);
 }
 
-// The scale pass proper: g <- clamp(g * inv, -clip, clip) * coef, coefs holding one value or one per
-// gradient. Multiplying by exactly 1 with no unscale and no clamp changes nothing: those gradients are not
-// read or written.
-void scale(CpuGrads& grads, const std::vector<double>& coefs, bool unscale, double inv,
-           std::optional<double> clip_value) {
+// Gradients that share memory, one after the other in list order: each reads what the ones before it wrote,
+// as torch's per-tensor mul_ does (a tensor that is the .grad of two parameters is scaled twice).
+void scale_in_order(CpuGrads& grads, const std::vector<double>& coefs, const Transform& tr,
+                    const std::vector<uint8_t>& skip) {
+  std::vector<const std::tuple<int64_t, at::Tensor, at::Tensor>*> staged(grads.spans.size(), nullptr);
+  for (const auto& entry : grads.strided) staged[std::get<0>(entry)] = &entry;
+  for (size_t t = 0; t < grads.spans.size(); ++t) {
+    if (skip[t]) continue;
+    const auto& span = grads.spans[t];
+    if (staged[t] != nullptr) std::get<2>(*staged[t]).copy_(std::get<1>(*staged[t]));  // read it again now
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, span.dtype, "ampclip_scale_in_order", [&] {
+      scale_chunk<scalar_t>(static_cast<scalar_t*>(span.data), span.numel, tr, coefs[coefs.size() == 1 ? 0 : t]);
+    });
+    if (staged[t] != nullptr) std::get<1>(*staged[t]).copy_(std::get<2>(*staged[t]));
+    if (!span.impl->is_inference()) span.impl->bump_version();
+  }
+}
+
+// The scale pass proper: g <- clamp(g * inv, lo, hi) * coef, coefs holding one value or one per gradient.
+// Multiplying by exactly 1 with no unscale and no clamp changes nothing: those gradients are not read or
+// written.
+void scale(CpuGrads& grads, const std::vector<double>& coefs, const Transform& tr) {
   const auto& spans = grads.spans;
   const int64_t num_tensors = static_cast<int64_t>(spans.size());
   const auto coef_of = [&](int64_t t) { return coefs[coefs.size() == 1 ? 0 : t]; };
   std::vector<uint8_t> skip(num_tensors);
   bool any_written = false;
   for (int64_t t = 0; t < num_tensors; ++t) {
-    skip[t] = !unscale && !clip_value.has_value() && coef_of(t) == 1.0;
+    skip[t] = !tr.unscale && !tr.clamp && coef_of(t) == 1.0;
     any_written |= !skip[t];
   }
   if (!any_written) return;
+  if (grads.overlapping()) return scale_in_order(grads, coefs, tr, skip);
   const auto items = make_work(spans, &skip);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
@@ -498,8 +597,7 @@ void scale(CpuGrads& grads, const std::vector<double>& coefs, bool unscale, doub
       const auto& item = items[i];
       const auto& span = spans[item.tensor];
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, span.dtype, "ampclip_scale_pass_cpu", [&] {
-        scale_chunk<scalar_t>(static_cast<scalar_t*>(span.data) + item.begin, item.end - item.begin,
-                              unscale ? inv : 1.0, clip_value.has_value(), clip_value.value_or(0.0),
+        scale_chunk<scalar_t>(static_cast<scalar_t*>(span.data) + item.begin, item.end - item.begin, tr,
                               coef_of(item.tensor));
       });
     }
@@ -529,43 +627,20 @@ void zero_all(CpuGrads& grads) {
   }
 }
 
-void check_grads(at::TensorList grads, const char* op) {
-  for (size_t i = 0; i < grads.size(); ++i) check_grad(grads[i], i, op);
-}
-
-CpuGrads gather(at::TensorList grads, bool writable) {
-  CpuGrads out;
-  out.spans.reserve(grads.size());
-  for (const auto& g : grads) out.add(g, writable);
-  return out;
-}
-
-double read_scalar(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.numel() == 1, what, " must hold exactly one element, got ", t.numel());
-  TORCH_CHECK(t.device().is_cpu(), what, " must be on the CPU with CPU gradients, got ", t.device());
-  return t.item<double>();
-}
-
-// The ops as the dispatcher calls them: check, gather, run.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_pass_dispatched(at::TensorList grads,
-                                                                    const std::optional<at::Tensor>& inv_scale,
-                                                                    double norm_type) {
-  check_grads(grads, "ampclip norm_pass");
-  return norm_pass_cpu(gather(grads, /*writable=*/false), inv_scale, norm_type);
-}
-
-void scale_pass_dispatched(at::TensorList grads, const at::Tensor& coef, const std::optional<at::Tensor>& inv_scale,
-                           std::optional<double> clip_value, const std::optional<at::Tensor>& found_inf,
-                           bool zero_if_inf) {
-  check_grads(grads, "ampclip scale_pass");
-  auto gathered = gather(grads, /*writable=*/true);
-  scale_pass_cpu(gathered, coef, inv_scale, clip_value, found_inf, zero_if_inf);
-}
-
-at::Tensor clip_grad_norm_dispatched(at::TensorList grads, double max_norm, double norm_type) {
-  check_grads(grads, "ampclip clip_grad_norm_");
-  auto gathered = gather(grads, /*writable=*/true);
-  return clip_grad_norm_cpu(gathered, max_norm, norm_type);
+Transform make_transform(const std::optional<at::Tensor>& inv_scale, const std::optional<Clamp>& clamp) {
+  Transform tr;
+  if (inv_scale.has_value()) {
+    tr.unscale = true;
+    tr.inv = read_scalar(*inv_scale, "inv_scale");
+  }
+  if (clamp.has_value()) {
+    TORCH_CHECK_VALUE(clamp->first <= clamp->second, "ampclip: the clamp needs lo <= hi, got [", clamp->first,
+                      ", ", clamp->second, "]");
+    tr.clamp = true;
+    tr.lo = clamp->first;
+    tr.hi = clamp->second;
+  }
+  return tr;
 }
 
 }  // namespace
@@ -578,19 +653,27 @@ bool is_kernel_grad(const at::Tensor& g) {
   return g.layout() == at::kStrided && g.device().is_cpu() && is_kernel_dtype(g.scalar_type());
 }
 
-void check_grad(const at::Tensor& g, size_t index, const char* op) {
-  TORCH_CHECK(g.layout() == at::kStrided, op, ": gradient ", index, " is not dense (layout ", g.layout(), ")");
-  TORCH_CHECK(g.device().is_cpu(), op, ": gradient ", index, " is on ", g.device(), ", expected the CPU");
-  TORCH_CHECK(is_kernel_dtype(g.scalar_type()), op, ": gradient ", index, " has dtype ", g.scalar_type(),
-              "; expected float16, bfloat16, float32 or float64");
+void check_grad(const at::Tensor& g, size_t index, const char* op, bool writable) {
+  TORCH_CHECK_TYPE(g.layout() == at::kStrided, op, ": gradient ", index, " is not dense (layout ", g.layout(), ")");
+  TORCH_CHECK_VALUE(g.device().is_cpu(), op, ": gradient ", index, " is on ", g.device(), ", expected the CPU");
+  TORCH_CHECK_TYPE(is_kernel_dtype(g.scalar_type()), op, ": gradient ", index, " has dtype ", g.scalar_type(),
+                   "; expected float16, bfloat16, float32 or float64");
+  TORCH_CHECK_VALUE(!writable || at::has_internal_overlap(g) != at::MemOverlap::Yes, op, ": gradient ", index,
+                    " has elements that share memory (an expanded tensor, stride 0): it cannot be written in "
+                    "place; clone it first");
+}
+
+double read_scalar(const at::Tensor& t, const char* what) {
+  TORCH_CHECK_VALUE(t.numel() == 1, what, " must hold exactly one element, got ", t.numel());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), what, " must be on the CPU with CPU gradients, got ", t.device());
+  return t.item<double>();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_pass_cpu(const CpuGrads& grads,
                                                              const std::optional<at::Tensor>& inv_scale,
-                                                             double norm_type) {
+                                                             double norm_type, const std::optional<Clamp>& clamp) {
   const NormKind kind = norm_kind(norm_type);
-  const double inv = inv_scale.has_value() ? read_scalar(*inv_scale, "inv_scale") : 1.0;
-  const auto sums = reduce(grads, inv_scale.has_value(), inv, kind, norm_type);
+  const auto sums = reduce(grads, make_transform(inv_scale, clamp), kind, norm_type);
 
   const auto options = norm_options(grads);
   const int64_t num_tensors = static_cast<int64_t>(grads.spans.size());
@@ -605,19 +688,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_pass_cpu(const CpuGrads& gra
 }
 
 void scale_pass_cpu(CpuGrads& grads, const at::Tensor& coef, const std::optional<at::Tensor>& inv_scale,
-                    std::optional<double> clip_value, const std::optional<at::Tensor>& found_inf, bool zero_if_inf) {
+                    const std::optional<Clamp>& clamp, const std::optional<at::Tensor>& found_inf, bool zero_if_inf) {
   const int64_t num_tensors = static_cast<int64_t>(grads.spans.size());
-  TORCH_CHECK(coef.numel() == 1 || coef.numel() == num_tensors,
-              "ampclip scale_pass: coef must hold 1 or one per gradient (", num_tensors, ") elements, got ",
-              coef.numel());
-  TORCH_CHECK(coef.device().is_cpu(), "ampclip scale_pass: coef must be on the CPU, got ", coef.device());
-  TORCH_CHECK(!clip_value.has_value() || *clip_value >= 0.0,
-              "ampclip scale_pass: clip_value must be >= 0, got ", *clip_value);
+  TORCH_CHECK_VALUE(coef.numel() == 1 || coef.numel() == num_tensors,
+                    "ampclip scale_pass: coef must hold 1 or one per gradient (", num_tensors, ") elements, got ",
+                    coef.numel());
+  TORCH_CHECK_VALUE(coef.device().is_cpu(), "ampclip scale_pass: coef must be on the CPU, got ", coef.device());
+  const Transform tr = make_transform(inv_scale, clamp);
   if (found_inf.has_value() && read_scalar(*found_inf, "found_inf") != 0.0) {
     if (zero_if_inf) zero_all(grads);
     return;
   }
-  const double inv = inv_scale.has_value() ? read_scalar(*inv_scale, "inv_scale") : 1.0;
   std::vector<double> coefs;
   if (coef.numel() == 1 && coef.scalar_type() == at::kFloat) {
     coefs.push_back(*coef.const_data_ptr<float>());  // the common case, without a conversion op
@@ -626,7 +707,7 @@ void scale_pass_cpu(CpuGrads& grads, const at::Tensor& coef, const std::optional
     const double* coef_data = coef_host.const_data_ptr<double>();
     coefs.assign(coef_data, coef_data + coef_host.numel());
   }
-  scale(grads, coefs, inv_scale.has_value(), inv, clip_value);
+  scale(grads, coefs, tr);
 }
 
 void CpuGrads::add(const at::Tensor& grad, bool writable) {
@@ -640,33 +721,40 @@ void CpuGrads::add(const at::Tensor& grad, bool writable) {
   void* data = writable ? dense->mutable_data_ptr() : const_cast<void*>(dense->const_data_ptr());
   spans.push_back({data, grad.numel(), grad.scalar_type(), static_cast<int32_t>(grad.element_size()),
                    grad.unsafeGetTensorImpl()});
+  if (writable && grad.numel() > 0) {
+    int64_t last = 0;  // offset of the last element the gradient reaches
+    for (int64_t d = 0; d < grad.dim(); ++d) last += (grad.size(d) - 1) * grad.stride(d);
+    const auto first = reinterpret_cast<uintptr_t>(grad.const_data_ptr());
+    extents.emplace_back(first, first + static_cast<uintptr_t>((last + 1) * grad.element_size()));
+  }
 }
 
-// min(1, max_norm / (total + 1e-6)) in the dtype of the norm, rounded as the tensor ops of ops.clip_coef
-// round it (`max_norm / t` is `t.reciprocal() * max_norm`, the scalars cast to the tensor's dtype), so the
-// fused clip and the Python path agree bit for bit. Plain arithmetic instead of four tensor ops saves about
-// 50 us a call when the caches are cold.
-template <typename T>
-double clip_coefficient(double total, double max_norm) {
-  const T coef = (T(1) / (static_cast<T>(total) + static_cast<T>(kEps))) * static_cast<T>(max_norm);
-  return std::isnan(coef) ? coef : std::min(coef, T(1));  // clamp_max keeps a NaN
+bool CpuGrads::overlapping() const {
+  // Gradients usually sit in address order, or in reverse (backward allocates them last layer first):
+  // one linear scan settles those; anything else is sorted.
+  bool ascending = true, descending = true;
+  for (size_t i = 1; i < extents.size() && (ascending || descending); ++i) {
+    ascending &= extents[i].first >= extents[i - 1].second;
+    descending &= extents[i - 1].first >= extents[i].second;
+  }
+  if (ascending || descending) return false;
+  auto order = extents;
+  std::sort(order.begin(), order.end());
+  for (size_t i = 1; i < order.size(); ++i) {
+    if (order[i].first < order[i - 1].second) return true;
+  }
+  return false;
 }
 
 // The whole drop-in clip in one call: norm pass, coefficient, scale pass.
 at::Tensor clip_grad_norm_cpu(CpuGrads& grads, double max_norm, double norm_type) {
   const NormKind kind = norm_kind(norm_type);
-  const auto sums = reduce(grads, /*unscale=*/false, 1.0, kind, norm_type);
+  const auto sums = reduce(grads, Transform{}, kind, norm_type);
   const double norm = finish_norm(sums.total, kind, norm_type);
-  const double coef = grads.any_double ? clip_coefficient<double>(norm, max_norm)
-                                       : clip_coefficient<float>(static_cast<float>(norm), max_norm);
-  scale(grads, {coef}, /*unscale=*/false, 1.0, std::nullopt);
+  const double coef = grads.any_double ? clip_coefficient<double>(norm, max_norm, kTorchEps, 0)
+                                       : clip_coefficient<float>(static_cast<float>(norm), max_norm, kTorchEps, 0);
+  scale(grads, {coef}, Transform{});
   return at::scalar_tensor(norm, norm_options(grads));
-}
-
-TORCH_LIBRARY_IMPL(ampclip_C, CPU, m) {
-  m.impl("norm_pass", &norm_pass_dispatched);
-  m.impl("scale_pass", &scale_pass_dispatched);
-  m.impl("clip_grad_norm_", &clip_grad_norm_dispatched);
 }
 
 }  // namespace ampclip

@@ -1,15 +1,23 @@
-// The CPU kernels' view of a list of gradients, and the entries that are called from C++ outside the
-// dispatcher (csrc/python_entry.cpp).
+// The CPU kernels' view of a list of gradients, and the entries that csrc/python_entry.cpp calls.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace ampclip {
+
+// torch.nn.utils.clip_grad_norm_'s eps, for the drop-in's fused clip.
+constexpr double kTorchEps = 1e-6;
+
+// The value clamp [lo, hi] of the op contract.
+using Clamp = std::pair<double, double>;
 
 // One gradient as the kernels see it: a dense run of elements. Gathered once per call, so that each pass
 // walks a flat array instead of the tensors' metadata (on thousands of small gradients that walk, not the
@@ -27,26 +35,62 @@ struct CpuGrads {
   std::vector<GradSpan> spans;
   // (index, gradient, contiguous copy) of non-contiguous gradients: read from the copy, written back.
   std::vector<std::tuple<int64_t, at::Tensor, at::Tensor>> strided;
+  // The memory each written gradient covers, [first byte, past the last byte), to find gradients that share
+  // memory (one tensor set as the .grad of two parameters, overlapping views).
+  std::vector<std::pair<uintptr_t, uintptr_t>> extents;
   bool any_double = false;
 
   // writable: the data pointer is taken for writing (a copy-on-write storage is materialised).
   void add(const at::Tensor& grad, bool writable);
+  // Whether two written gradients share memory: then they are scaled one after the other, in list order,
+  // as torch's per-tensor mul_ does, instead of in parallel chunks that would race.
+  bool overlapping() const;
 };
 
 // Whether the kernels take g: a dense CPU float16/bfloat16/float32/float64 tensor.
 bool is_kernel_grad(const at::Tensor& g);
-// Throws (a RuntimeError in Python) naming what is wrong unless is_kernel_grad(g).
-void check_grad(const at::Tensor& g, size_t index, const char* op);
+// Throws (a TypeError or ValueError in Python) naming what is wrong unless is_kernel_grad(g); for a gradient
+// to be written (`writable`), also when elements share memory (an expanded, zero-stride tensor).
+void check_grad(const at::Tensor& g, size_t index, const char* op, bool writable);
+// The value of a one-element CPU tensor; throws a ValueError naming `what` otherwise.
+double read_scalar(const at::Tensor& t, const char* what);
 
-// The ops of ampclip/ops.py on gathered gradients (see there for the contract).
+// The gradient passes of ampclip/ops.py on gathered gradients (see there for the contract).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_pass_cpu(const CpuGrads& grads,
                                                              const std::optional<at::Tensor>& inv_scale,
-                                                             double norm_type);
+                                                             double norm_type, const std::optional<Clamp>& clamp);
 void scale_pass_cpu(CpuGrads& grads, const at::Tensor& coef, const std::optional<at::Tensor>& inv_scale,
-                    std::optional<double> clip_value, const std::optional<at::Tensor>& found_inf, bool zero_if_inf);
+                    const std::optional<Clamp>& clamp, const std::optional<at::Tensor>& found_inf, bool zero_if_inf);
 
 // Clips the gradients in place to a total norm of max_norm (coefficient min(1, max_norm / (norm + 1e-6)))
 // and returns the pre-clip norm: 0-d, float32, or float64 when a gradient is float64.
 at::Tensor clip_grad_norm_cpu(CpuGrads& grads, double max_norm, double norm_type);
+
+// The clip coefficient of a norm in the norm's dtype T. rule 0, torch's: min(1, max_norm / (norm + eps)),
+// rounded as the tensor ops of torch's clip_grad_norm_ round it (`max_norm / t` is `t.reciprocal() *
+// max_norm`, the scalars cast to T), so that the fused clip, the small op and torch agree bit for bit.
+// rule 1: max_norm / max(norm + eps, max_norm). A NaN norm gives a NaN coefficient, as in torch.
+template <typename T>
+T clip_coefficient(T norm, double max_norm, double eps, int64_t rule) {
+  const T shifted = norm + static_cast<T>(eps);
+  const T bound = static_cast<T>(max_norm);
+  if (rule == 0) {
+    const T coef = (T(1) / shifted) * bound;
+    return std::isnan(coef) ? coef : std::min(coef, T(1));
+  }
+  return bound / (std::isnan(shifted) ? shifted : std::max(shifted, bound));
+}
+
+// The small ops of ampclip/ops.py (csrc/cpu/small_ops_cpu.cpp): a few numbers per tensor, in one call each.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_finalize_cpu(
+    const at::Tensor& per_tensor, const at::Tensor& total, const std::optional<at::Tensor>& max_norm_tensor,
+    double max_norm, int64_t mode, const std::optional<at::Tensor>& group_index, int64_t num_groups,
+    double norm_type, double eps, int64_t rule);
+void scaler_update_cpu(const at::Tensor& state, const at::Tensor& history, const std::optional<at::Tensor>& found_inf,
+                       const std::optional<at::Tensor>& grad_norm, int64_t slot, double growth_factor,
+                       double backoff_factor, int64_t growth_interval, int64_t hysteresis, double min_scale,
+                       double max_scale, bool dynamic);
+void clip_stats_update_cpu(const at::Tensor& counters, const std::optional<at::Tensor>& layer_stats,
+                           const at::Tensor& per_tensor, const at::Tensor& coef, const at::Tensor& found_inf);
 
 }  // namespace ampclip

@@ -1,6 +1,9 @@
 """Device tables that let one launch cover any list of gradients (apex's ``multi_tensor_apply`` idea, with
 the table in device memory instead of kernel arguments, so there is no 4 KiB argument limit to split on).
 
+Kernels of the ``triton`` backend (and of any multi-tensor backend) take a table built here by their adapter:
+the kernels never import the Python package above them.
+
 One table per gradient list, all dtypes together: a program handles one chunk of ``CHUNK`` elements of one
 tensor and branches on that tensor's dtype code, so fp16, bf16, fp32 and fp64 gradients go through ONE launch
 per kernel instead of one per dtype. Layout: a single int64 device buffer (one host-to-device copy), each
@@ -21,8 +24,9 @@ Caching: building a table costs a Python loop over the tensors and a host-to-dev
 cached, and found again by a signature of the gradient list:
 
 * With the compiled extension, ``ampclip._C.tensor_signature``: per tensor its data pointer, element count,
-  dtype, device and a hash of its sizes and strides, packed into bytes in C++ with a 64-bit hash as the
-  dictionary key, and compared with one memcmp (about 40 us for 2,000 tensors on the 2-core CI host). It
+  dtype, device, sizes and strides, packed into bytes in C++ with a 64-bit hash as the dictionary key, and
+  compared in full with one memcmp (about 40 us for 2,000 tensors on the 2-core CI host), so two lists share
+  a table only when every layout is equal, never on a hash collision. It
   leaves out the tensors' identity on purpose: after ``zero_grad(set_to_none=True)`` the next backward
   allocates new gradients, which the caching allocator can place at the old addresses (it hands freed
   blocks out again), and then the old table fits them. Nothing else is in a table, so a table whose
@@ -51,7 +55,7 @@ from typing import Optional
 
 import torch
 
-from .. import _extension
+from .cpp import tensor_signature
 
 CHUNK = 32768  # elements per program: 64 KiB of fp16, 32 iterations of a 1024-wide block, enough to hide
 # a program's start-up; GPT-2 1.5B (1.56e9 elements) is ~48K programs, plenty for 132 SMs.
@@ -68,18 +72,25 @@ class TensorTable:
     """The device table of one gradient list (see the module docstring for the layout)."""
 
     __slots__ = ("key", "signature", "buffer", "dev_ptrs", "numels", "codes", "chunk_begin", "chunk_tensor",
-                 "num_tensors", "num_chunks", "chunk", "has_fp64", "staging", "_refs", "__weakref__")
+                 "num_tensors", "num_chunks", "chunk", "has_fp64", "staging", "expanded", "aliased", "_refs",
+                 "__weakref__")
 
     def __init__(self, key, signature, grads: list[torch.Tensor], chunk: int, watch_lifetimes: bool):
         device = grads[0].device
         for i, g in enumerate(grads):  # bad input is an error before any kernel runs
-            if g.dtype not in DTYPE_CODES:
-                raise TypeError(f"ampclip triton: gradient {i} has dtype {g.dtype}; expected one of "
-                                f"{tuple(DTYPE_CODES)}")
-            if g.device != device:
-                raise ValueError(f"ampclip triton: gradient {i} is on {g.device}, gradient 0 on {device}")
             if g.layout != torch.strided:
-                raise ValueError(f"ampclip triton: gradient {i} has layout {g.layout}; expected dense")
+                raise TypeError(f"ampclip clips dense gradients only; gradient {i} has layout {g.layout}")
+            if g.dtype not in DTYPE_CODES:
+                raise TypeError(f"ampclip clips float16, bfloat16, float32 and float64 gradients; gradient {i} "
+                                f"is {g.dtype}")
+            if g.device != device:
+                raise ValueError(f"ampclip needs the gradients of one call on one device; gradient {i} is on "
+                                 f"{g.device}, gradient 0 on {device}")
+        # What a write must know (a table serves reads and writes alike): the first gradient whose elements
+        # share memory (expanded, stride 0: it cannot be written in place), and whether two gradients share
+        # memory (then they are scaled one after the other, as torch does, never by racing programs).
+        self.expanded = next((i for i, g in enumerate(grads) if torch._debug_has_internal_overlap(g) == 1), None)
+        self.aliased = _share_memory(grads)
         self.key = key
         self.signature = signature
         self.chunk = chunk
@@ -124,6 +135,18 @@ class TensorTable:
             grads[i].copy_(buf)
 
 
+def _share_memory(grads: list[torch.Tensor]) -> bool:
+    """Whether the memory two gradients reach overlaps (a tensor that is the .grad of two parameters,
+    overlapping views). Sorted extents, built once per table."""
+    extents = []
+    for g in grads:
+        if g.numel():
+            last = sum((size - 1) * stride for size, stride in zip(g.shape, g.stride()))
+            extents.append((g.data_ptr(), g.data_ptr() + (last + 1) * g.element_size()))
+    extents.sort()
+    return any(b[0] < a[1] for a, b in zip(extents, extents[1:]))
+
+
 _cache: "OrderedDict[tuple, TensorTable]" = OrderedDict()
 # Tables looked up while a CUDA graph was being captured: the graph reads their device buffers at every
 # replay, so neither the cache's eviction nor a tensor's death may free them.
@@ -143,7 +166,7 @@ def tensor_table(grads: list[torch.Tensor], chunk: int = CHUNK) -> TensorTable:
         table = tensor_table([p.grad for p in model.parameters()])
         table.num_chunks  # programs per launch
     """
-    compiled = _extension.tensor_signature(grads)
+    compiled = tensor_signature(grads)
     if compiled is not None:
         digest, signature = compiled
         key = (chunk, len(grads), digest)

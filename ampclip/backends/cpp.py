@@ -1,0 +1,84 @@
+"""The ``cpp`` backend: the compiled CPU kernels of ``csrc/`` (the extension ``ampclip._C``).
+
+Eager calls go straight into the kernels (csrc/python_entry.cpp reads the tensor lists in C++); an entry
+answers None when its input needs the dispatcher first (tensor subclasses, dispatch modes), and the adapter
+hands ``NotImplemented`` back to ``ops``, which calls the registered op. Besides the op contract this module
+offers two helpers that ``ops`` and the Triton adapter use when the extension is there: reading the
+present gradients of a parameter list, and the signature of a tensor list that table caches key on.
+
+``import ampclip`` works without the extension: it warns once and the other backends run.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from . import Backend, Unavailable
+
+try:
+    from .. import _C  # the compiled kernels
+except Exception as exc:  # ImportError, or an undefined symbol from a build against another torch
+    _C = None
+    ERROR = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        f"ampclip: the compiled extension ampclip._C could not be loaded ({ERROR}); CPU gradients use the "
+        "pure-PyTorch reference backend. Build it with `pip install -e . --no-build-isolation`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+else:
+    ERROR = None
+
+
+def _or_dispatcher(result):
+    return NotImplemented if result is None else result
+
+
+class CppBackend(Backend):
+    name = "cpp"
+    device_types = frozenset({"cpu"})
+    priority = 10
+    validates_inputs = True  # dtype, layout, device and memory overlap, in C++ before any write
+
+    def norm_pass(self, grads, inv_scale, norm_type, clamp):
+        return _or_dispatcher(_C.norm_pass(grads, inv_scale, norm_type, clamp))
+
+    def scale_pass(self, grads, coef, inv_scale, clamp, found_inf, zero_if_inf):
+        return _or_dispatcher(_C.scale_pass(grads, coef, inv_scale, clamp, found_inf, zero_if_inf))
+
+    def clip_finalize(self, per_tensor, total, max_norm, mode, group_index, num_groups, norm_type, eps, rule):
+        return _or_dispatcher(_C.clip_finalize(per_tensor, total, max_norm, mode, group_index, num_groups,
+                                               norm_type, eps, rule))
+
+    def scaler_update(self, state, history, found_inf, grad_norm, slot, growth_factor, backoff_factor,
+                      growth_interval, hysteresis, min_scale, max_scale, dynamic):
+        return _or_dispatcher(_C.scaler_update(state, history, found_inf, grad_norm, slot, growth_factor,
+                                               backoff_factor, growth_interval, hysteresis, min_scale, max_scale,
+                                               dynamic))
+
+    def clip_stats_update(self, counters, layer_stats, per_tensor, coef, found_inf):
+        return _or_dispatcher(_C.clip_stats_update(counters, layer_stats, per_tensor, coef, found_inf))
+
+    def clip_grad_norm(self, grads, max_norm, norm_type):
+        return _C.clip_grad_norm(grads, max_norm, norm_type)
+
+    def clip_params(self, params, max_norm, norm_type):
+        return _C.clip_params(params, max_norm, norm_type)
+
+
+def load() -> Backend:
+    if _C is None:
+        raise Unavailable(f"the compiled extension ampclip._C is not loaded ({ERROR})")
+    return CppBackend()
+
+
+def present_grads(params):
+    """``(gradients that exist, their parameter indices or None when all exist)``, read in C++; None
+    without the extension or when a parameter is not a plain Tensor or Parameter."""
+    return None if _C is None else _C.present_grads(params)
+
+
+def tensor_signature(tensors):
+    """``(hash, bytes)`` that change when any tensor's data pointer, size, dtype, device, sizes or strides do
+    (not its identity); None without the extension or for tensor subclasses."""
+    return None if _C is None else _C.tensor_signature(tensors)

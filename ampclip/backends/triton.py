@@ -1,0 +1,75 @@
+"""The ``triton`` backend: the Triton kernels of ``triton_kernels/`` (installed as ``ampclip.triton_kernels``)
+on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how the test suite runs them without a GPU).
+
+The adapter owns what the kernels should not know about: the cached tensor table of each gradient list
+(``tensor_table.py``) and the staging of non-contiguous gradients in and out of it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import Backend, Unavailable
+from .tensor_table import tensor_table
+
+
+def _interpreter_runs_kernels() -> bool:
+    """CPU tensors need ``TRITON_INTERPRET=1`` and triton 3.7 or newer: 3.6's interpreter passes scalars
+    around as one-element arrays, which NumPy 2 refuses as loop bounds (compiled, the kernels need 3.6)."""
+    import triton
+
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return os.environ.get("TRITON_INTERPRET") == "1" and (major, minor) >= (3, 7)
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    device_types = frozenset({"cuda"})
+    priority = 20
+    validates_inputs = True  # the table checks dtypes, layouts and devices when it is built (tensor_table.py)
+
+    def __init__(self, kernels):
+        self._k = kernels
+        self._on_cpu = _interpreter_runs_kernels()
+
+    def runs_on(self, device) -> bool:
+        return device.type == "cuda" or (device.type == "cpu" and self._on_cpu)
+
+    def norm_pass(self, grads, inv_scale, norm_type, clamp):
+        table = tensor_table(grads)
+        table.stage_in(grads)
+        return self._k.fused_norm_triton(table, inv_scale, norm_type, clamp)
+
+    def scale_pass(self, grads, coef, inv_scale, clamp, found_inf, zero_if_inf):
+        table = tensor_table(grads)
+        if table.expanded is not None:
+            raise ValueError(f"gradient {table.expanded} has elements that share memory (an expanded, stride-0 "
+                             "tensor): it cannot be written in place; clone it first")
+        if table.aliased:  # one tensor after the other, each reading what the ones before it wrote
+            coefs = coef.reshape(-1).expand(len(grads)) if coef.numel() == 1 else coef
+            for i, g in enumerate(grads):
+                self.scale_pass([g], coefs[i], inv_scale, clamp, found_inf, zero_if_inf)
+            return
+        table.stage_in(grads)
+        self._k.fused_scale_triton(table, coef, inv_scale, clamp, found_inf, zero_if_inf)
+        table.stage_out(grads)
+
+    def clip_finalize(self, per_tensor, total, max_norm, mode, group_index, num_groups, norm_type, eps, rule):
+        return self._k.clip_finalize_triton(per_tensor, total, max_norm, mode, group_index, num_groups, norm_type,
+                                            eps, rule)
+
+    def scaler_update(self, state, history, found_inf, grad_norm, slot, growth_factor, backoff_factor,
+                      growth_interval, hysteresis, min_scale, max_scale, dynamic):
+        self._k.scaler_update_triton(state, history, found_inf, grad_norm, slot, growth_factor, backoff_factor,
+                                     growth_interval, hysteresis, min_scale, max_scale, dynamic)
+
+    def clip_stats_update(self, counters, layer_stats, per_tensor, coef, found_inf):
+        self._k.clip_stats_update_triton(counters, layer_stats, per_tensor, coef, found_inf)
+
+
+def load() -> Backend:
+    try:
+        from .. import triton_kernels
+    except Exception as exc:  # triton missing or too old: the other backends still work
+        raise Unavailable(f"triton cannot be imported or compile the kernels ({type(exc).__name__}: {exc})") from None
+    return TritonBackend(triton_kernels)

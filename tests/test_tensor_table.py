@@ -1,0 +1,91 @@
+"""The multi-tensor table (ampclip/backends/tensor_table.py): built once per gradient list, found again by an
+exact signature of pointers, sizes, strides and dtypes, never keeping a gradient alive, kept for the replays
+of a CUDA graph that read it."""
+
+import gc
+
+import pytest
+import torch
+
+from ampclip import ops
+from ampclip.backends import cpp, tensor_table
+from ampclip.backends.tensor_table import cache_info, clear_cache
+
+table_of = tensor_table.tensor_table
+needs_extension = pytest.mark.skipif(not ops.available_backends()["cpp"], reason="needs the compiled extension")
+
+
+def test_table_is_cached_and_invalidated():
+    grads = [torch.randn(100), torch.randn(3000).half()]
+    table = table_of(grads)
+    assert table_of(grads) is table  # same tensors: a hit
+    assert table_of(list(grads)) is table  # a new list of the same tensors: a hit
+    grads[0].set_(torch.randn(100))  # storage moved under the same tensor object: rebuilt
+    assert table_of(grads) is not table
+
+
+@needs_extension
+def test_new_gradients_at_the_old_addresses_reuse_the_table():
+    # zero_grad(set_to_none=True) and a backward: new tensor objects, usually at the same addresses
+    storage = [torch.randn(4097), torch.randn(3, 5).half()]
+    table = table_of([s.view_as(s) for s in storage])
+    gc.collect()
+    assert table_of([s.view_as(s) for s in storage]) is table
+    assert table_of([storage[0].view_as(storage[0]), storage[1].view(5, 3)]) is not table  # other shape
+    assert table_of([storage[0][1:], storage[1]]) is not table  # other address
+    strided = [torch.randn(40, 30)[:, :20]]  # its table owns a staging buffer as large as the gradient
+    table_of(strided)
+    before = cache_info()["tables"]
+    del strided
+    gc.collect()
+    assert cache_info()["tables"] == before - 1
+
+
+@needs_extension
+def test_any_change_of_sizes_or_strides_is_seen_exactly():
+    base = torch.randn(40, 30)
+    grads = [base[:, :20], torch.randn(50)]
+    table = table_of(grads)
+    grads[0].t_()  # same data pointer and element count, other sizes and strides
+    assert table_of(grads) is not table
+    # strides that differ in a way a hash of them might not: compared in full, never by hash alone
+    a = torch.randn(64).as_strided((4, 4), (4, 1))
+    b = a.as_strided((4, 4), (1, 4))
+    assert cpp.tensor_signature([a])[1] != cpp.tensor_signature([b])[1]
+    assert table_of([a]) is not table_of([b])
+
+
+def test_a_table_used_in_a_cuda_graph_capture_outlives_the_cache(monkeypatch):
+    grads = [torch.randn(300), torch.randn(70)]
+    table = table_of(grads)  # built before capture, as a capture cannot copy host to device
+    monkeypatch.setattr(tensor_table, "_capturing", lambda grads: True)
+    assert table_of(grads) is table  # the lookup inside the capture
+    monkeypatch.undo()
+    for i in range(cache_info()["max"] + 1):  # evicts it from the lookup cache
+        table_of([torch.randn(i + 1)])
+    clear_cache()
+    assert any(t is table for t in tensor_table._captured.values())
+
+
+def test_table_cache_without_the_extension(monkeypatch):
+    monkeypatch.setattr(tensor_table, "tensor_signature", lambda tensors: None)
+    grads = [torch.randn(100), torch.randn(3000).half()]
+    table = table_of(grads)
+    assert table_of(list(grads)) is table
+    grads[0].set_(torch.randn(100))
+    assert table_of(grads) is not table
+    # a table keyed on identities goes when its tensors die: the cache holds no gradient alive
+    before = cache_info()["tables"]
+    del grads, table
+    gc.collect()
+    assert cache_info()["tables"] < before
+
+
+def test_the_table_knows_what_a_write_must_know():
+    base = torch.randn(100)
+    assert table_of([base[:60], base[40:]]).aliased  # overlapping views
+    assert table_of([base, torch.randn(3), base]).aliased  # one tensor twice
+    assert not table_of([base[:50], base[50:]]).aliased  # neighbours, not overlapping
+    assert table_of([torch.randn(3), torch.randn(1).expand(4)]).expanded == 1
+    with pytest.raises(TypeError, match="dtype|float16"):
+        table_of([torch.ones(3, dtype=torch.int64)])
