@@ -36,6 +36,23 @@ Three small ops do a step's bookkeeping on the device, in one call each whatever
 ``ampclip::clip_stats_update(Tensor(a!) counters, Tensor(b!)? layer_stats, ...)``: clipped and skipped counts
     and per-layer norm statistics.
 
+Unit-wise passes (adaptive gradient clipping, AGC) and ZClip's bound, in one call each:
+
+``ampclip::unit_norm_pass(Tensor[] tensors, Tensor? inv_scale, float norm_type, str backend)
+    -> (Tensor unit_norms, Tensor per_tensor_norms, Tensor total_norm, Tensor found_inf)``
+    :func:`norm_pass` per unit: a tensor's units are its rows along dim 0 when it has more than one
+    dimension, else the whole tensor (:func:`unit_count`). One read of every tensor; ``unit_norms`` holds the
+    units of every tensor in order.
+``ampclip::unit_scale_pass(Tensor(a!)[] grads, Tensor unit_coef, Tensor? inv_scale, Tensor? found_inf,
+    bool zero_if_inf, str backend) -> ()``
+    In place ``unit <- unit * inv_scale * unit_coef[unit]``; found_inf as in ``scale_pass``. Units whose
+    coefficient is 1 with nothing to unscale may be skipped.
+``ampclip::unit_clip_finalize(param_norms, grad_norms, clip_factor, eps, norm_type, backend)
+    -> (coef, post_clip_norm)``: AGC's coefficient of every unit (see ``reference.unit_clip_finalize``).
+``ampclip::zclip_update(Tensor(a!) state, Tensor(b!) warmup, total, found_inf, alpha, z_thresh, max_grad_norm,
+    eps, rule, clip_factor, skip_update_on_spike, backend) -> Tensor bound``: one ZClip step (see
+    ``reference.zclip_update``).
+
 Every op is a ``torch.library`` custom op with a fake, so it traces under ``torch.compile(fullgraph=True)``
 and a dispatch mode sees it as one op. In eager mode the functions below call the chosen backend's adapter
 directly (custom-op boxing costs about 0.5 us per tensor, more than the clip itself on 10,000 tiny
@@ -86,6 +103,11 @@ __all__ = [
     "scale_pass",
     "scaler_update",
     "total_norm",
+    "unit_clip_finalize",
+    "unit_count",
+    "unit_norm_pass",
+    "unit_scale_pass",
+    "zclip_update",
 ]
 
 BACKENDS = backends.NAMES
@@ -104,6 +126,9 @@ HISTORY_ROWS = ("scale", "found_inf", "grad_norm")
 # Clip statistics: counters float64 [2]; per-layer statistics float64 [3, tensors].
 CLIPPED, SKIPPED = range(2)
 LAYER_SUM, LAYER_MAX, LAYER_LAST = range(3)
+# ZClip's state: float64 [4]; its warm-up buffer: float64 [max(warmup_steps, 1)]. The rules of its bound.
+ZCLIP_MEAN, ZCLIP_VAR, ZCLIP_READY, ZCLIP_COUNT = range(4)
+ZCLIP_RULES = {"adaptive_scaling": 0, "mean": 1, "percentile": 2}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -139,6 +164,12 @@ def combine_norms(norms: torch.Tensor, norm_type: float) -> torch.Tensor:
     if norms.numel() == 0:
         return norms.new_zeros(())
     return combine_groups(norms, torch.zeros(norms.shape, dtype=torch.int64, device=norms.device), 1, norm_type)[0]
+
+
+def unit_count(t: torch.Tensor) -> int:
+    """The units of ``t`` for unit-wise norms: its rows along dim 0 when it has more than one dimension (the
+    output units of a Linear or Conv weight), else one, the whole tensor (timm's ``unitwise_norm``)."""
+    return t.shape[0] if t.dim() > 1 else 1
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -400,6 +431,57 @@ def _(counters, layer_stats, per_tensor, coef, found_inf, backend):
     return None
 
 
+@torch.library.custom_op("ampclip::unit_norm_pass", mutates_args=())
+def _unit_norm_pass_op(tensors: list[torch.Tensor], inv_scale: Optional[torch.Tensor], norm_type: float,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _direct("unit_norm_pass", backend, tensors, inv_scale, norm_type)
+
+
+@_unit_norm_pass_op.register_fake
+def _(tensors, inv_scale, norm_type, backend):
+    acc = accumulation_dtype(tensors)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    units = sum(unit_count(t) for t in tensors)
+    return (torch.empty(units, dtype=acc, device=device), torch.empty(len(tensors), dtype=acc, device=device),
+            torch.empty((), dtype=acc, device=device), torch.empty((), dtype=torch.float32, device=device))
+
+
+@torch.library.custom_op("ampclip::unit_scale_pass", mutates_args=("grads",))
+def _unit_scale_pass_op(grads: list[torch.Tensor], coef: torch.Tensor, inv_scale: Optional[torch.Tensor],
+                        found_inf: Optional[torch.Tensor], zero_if_inf: bool, backend: str) -> None:
+    _direct("unit_scale_pass", backend, grads, coef, inv_scale, found_inf, zero_if_inf)
+
+
+@_unit_scale_pass_op.register_fake
+def _(grads, coef, inv_scale, found_inf, zero_if_inf, backend):
+    return None
+
+
+@torch.library.custom_op("ampclip::unit_clip_finalize", mutates_args=())
+def _unit_clip_finalize_op(param_norms: torch.Tensor, grad_norms: torch.Tensor, clip_factor: float, eps: float,
+                           norm_type: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _direct("unit_clip_finalize", backend, param_norms, grad_norms, clip_factor, eps, norm_type)
+
+
+@_unit_clip_finalize_op.register_fake
+def _(param_norms, grad_norms, clip_factor, eps, norm_type, backend):
+    return torch.empty_like(grad_norms), grad_norms.new_empty(())
+
+
+@torch.library.custom_op("ampclip::zclip_update", mutates_args=("state", "warmup"))
+def _zclip_update_op(state: torch.Tensor, warmup: torch.Tensor, total: torch.Tensor, found_inf: torch.Tensor,
+                     alpha: float, z_thresh: float, max_grad_norm: float, eps: float, rule: int, clip_factor: float,
+                     skip_update_on_spike: bool, backend: str) -> torch.Tensor:
+    return _direct("zclip_update", backend, state, warmup, total, found_inf, alpha, z_thresh, max_grad_norm, eps,
+                   rule, clip_factor, skip_update_on_spike)
+
+
+@_zclip_update_op.register_fake
+def _(state, warmup, total, found_inf, alpha, z_thresh, max_grad_norm, eps, rule, clip_factor,
+      skip_update_on_spike, backend):
+    return total.new_empty(())
+
+
 def _run(op: str, name: str, args: tuple, op_args: tuple):
     """Eager: the adapter directly, or the registered op when the adapter cannot take the input; compiled:
     the registered op."""
@@ -499,6 +581,82 @@ def clip_stats_update(counters: torch.Tensor, layer_stats: Optional[torch.Tensor
     name = resolve_backend(backend, counters.device)
     args = (counters, layer_stats, per_tensor, coef, found_inf)
     _run("clip_stats_update", name, args, args)
+
+
+def _checked_units(tensors: Sequence[torch.Tensor], backend: Optional[str], writable: bool, op: str) -> str:
+    """The backend for a unit-wise pass; the Python checks unless the backend has its own kernel for ``op``
+    and validates its input (a backend without one runs the reference, which checks nothing)."""
+    name = resolve_backend(backend, tensors[0].device)
+    impl = _impl(name)
+    if not impl.validates_inputs or getattr(type(impl), op) is getattr(backends.Backend, op):
+        check_grads(tensors, writable)
+    return name
+
+
+def unit_norm_pass(tensors: list[torch.Tensor], inv_scale: Optional[torch.Tensor] = None, norm_type: float = 2.0,
+                   backend: Optional[str] = None):
+    """``(unit_norms, per_tensor_norms, total_norm, found_inf)`` of ``tensors * inv_scale`` in one read.
+
+    A tensor's units are its rows along dim 0 when it has more than one dimension, else the whole tensor
+    (:func:`unit_count`); ``unit_norms`` lists the units of every tensor in order. Norms are float32 (float64
+    when a tensor is float64); ``found_inf`` as in :func:`norm_pass`. Tensors must share one device.
+
+    Example::
+
+        units, per_tensor, total, found_inf = ampclip.ops.unit_norm_pass([p.grad for p in model.parameters()])
+    """
+    if not tensors:
+        empty = torch.zeros(0)
+        return empty, empty.clone(), torch.zeros(()), torch.zeros(())
+    name = _checked_units(tensors, backend, False, "unit_norm_pass")
+    args = (tensors, inv_scale, norm_type)
+    return _run("unit_norm_pass", name, args, args)
+
+
+def unit_scale_pass(grads: list[torch.Tensor], coef: torch.Tensor, inv_scale: Optional[torch.Tensor] = None,
+                    found_inf: Optional[torch.Tensor] = None, zero_if_inf: bool = False,
+                    backend: Optional[str] = None) -> None:
+    """In place ``unit <- unit * inv_scale * coef[unit]`` for every unit of every gradient (``coef``: one entry
+    per unit, in :func:`unit_norm_pass`'s order), skipped or zeroed when ``found_inf`` is set.
+
+    Example::
+
+        ampclip.ops.unit_scale_pass(grads, coef)
+    """
+    if not grads:
+        return
+    name = _checked_units(grads, backend, True, "unit_scale_pass")
+    args = (grads, coef, inv_scale, found_inf, zero_if_inf)
+    _run("unit_scale_pass", name, args, args)
+
+
+def unit_clip_finalize(param_norms: torch.Tensor, grad_norms: torch.Tensor, clip_factor: float, eps: float,
+                       norm_type: float = 2.0, backend: Optional[str] = None):
+    """``(coef, post_clip_norm)``: adaptive gradient clipping's coefficient of every unit from the unit norms of
+    the parameters and of the gradients (``max(param_norm, eps) * clip_factor`` is a unit's bound; see
+    ``ampclip.reference.unit_clip_finalize``), and the norm after clipping, in one call."""
+    if param_norms.shape != grad_norms.shape:
+        raise ValueError(f"param_norms and grad_norms must have one entry per unit each, got "
+                         f"{tuple(param_norms.shape)} and {tuple(grad_norms.shape)}")
+    name = resolve_backend(backend, grad_norms.device)
+    args = (param_norms, grad_norms, float(clip_factor), float(eps), float(norm_type))
+    return _run("unit_clip_finalize", name, args, args)
+
+
+def zclip_update(state: torch.Tensor, warmup: torch.Tensor, total: torch.Tensor, found_inf: torch.Tensor,
+                 alpha: float, z_thresh: float, max_grad_norm: float, eps: float, rule: str = "adaptive_scaling",
+                 clip_factor: float = 1.0, skip_update_on_spike: bool = False,
+                 backend: Optional[str] = None) -> torch.Tensor:
+    """One ZClip step in place on its device state, returning the step's bound (a 0-d device tensor in
+    ``total``'s dtype), in one call: see ``ampclip.reference.zclip_update``. ``rule``: "adaptive_scaling" or
+    "mean" (z-score mode), or "percentile"."""
+    if state.dtype != torch.float64 or state.shape != (4,) or warmup.dtype != torch.float64 or warmup.dim() != 1 \
+            or warmup.numel() < 1:
+        raise ValueError("zclip_update needs a float64 state of 4 and a float64 1-D warm-up buffer")
+    name = resolve_backend(backend, state.device)
+    args = (state, warmup, total, found_inf, float(alpha), float(z_thresh), float(max_grad_norm), float(eps),
+            ZCLIP_RULES[rule], float(clip_factor), bool(skip_update_on_spike))
+    return _run("zclip_update", name, args, args)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ cannot drift apart.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -32,9 +33,14 @@ from .ops import (
     LAYER_MAX,
     LAYER_SUM,
     SCALE,
+    ZCLIP_COUNT,
+    ZCLIP_MEAN,
+    ZCLIP_READY,
+    ZCLIP_VAR,
     accumulation_dtype,
     combine_groups,
     combine_norms,
+    unit_count,
 )
 
 __all__ = [
@@ -45,8 +51,13 @@ __all__ = [
     "parameters_of",
     "scale_pass",
     "scaler_update",
+    "timm_adaptive_clip_grad",
     "torch_clip_grad_norm",
     "torch_unscale_and_clip",
+    "unit_clip_finalize",
+    "unit_norm_pass",
+    "unit_scale_pass",
+    "zclip_update",
 ]
 
 Clamp = Optional[tuple[float, float]]
@@ -213,6 +224,143 @@ def clip_stats_update(counters, layer_stats, per_tensor, coef, found_inf) -> Non
         layer_stats[LAYER_LAST] = norms
 
 
+# ------------------------------------------------------------------------------------- unit-wise (AGC)
+def _rows(u: torch.Tensor) -> torch.Tensor:
+    """u as a 2-D tensor of its units (see :func:`ampclip.ops.unit_count`), one per row."""
+    rows = unit_count(u)
+    return u.reshape(rows, u.numel() // rows if rows else 0)
+
+
+def _row_norms(rows: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """The p-norm of every row, in rows' dtype, right whenever representable (as :func:`_norm`)."""
+    if rows.shape[1] == 0:
+        return rows.new_zeros(rows.shape[0])
+    if math.isinf(norm_type):
+        return torch.linalg.vector_norm(rows, norm_type, dim=1)
+    if rows.dtype != torch.float64:
+        return torch.linalg.vector_norm(rows, norm_type, dim=1, dtype=torch.float64).to(rows.dtype)
+    peak = rows.abs().amax(dim=1, keepdim=True)
+    safe = torch.where((peak > 0) & peak.isfinite(), peak, torch.ones_like(peak))
+    return torch.linalg.vector_norm(rows / safe, norm_type, dim=1) * safe[:, 0]
+
+
+def unit_norm_pass(tensors: list[torch.Tensor], inv_scale: Optional[torch.Tensor], norm_type: float):
+    """Returns ``(unit_norms, per_tensor_norms, total_norm, found_inf)`` of the unscaled tensors.
+
+    A tensor's units are its rows along dim 0 when it has more than one dimension, else the whole tensor
+    (timm's ``unitwise_norm``); ``unit_norms`` holds every tensor's units in order. Dtypes and found_inf as in
+    :func:`norm_pass`.
+    """
+    acc = accumulation_dtype(tensors)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    found_inf = torch.zeros((), dtype=torch.float32, device=device)
+    units, norms = [], []
+    for t in tensors:
+        u = _unscaled(t, acc, inv_scale)
+        found_inf = torch.maximum(found_inf, (~torch.isfinite(u)).any().to(torch.float32))
+        units.append(_row_norms(_rows(u), norm_type))
+        norms.append(_norm(u, norm_type))
+    if not tensors:
+        empty = torch.zeros(0, dtype=acc, device=device)
+        return empty, empty.clone(), torch.zeros((), dtype=acc, device=device), found_inf
+    per_tensor = torch.stack(norms)
+    return torch.cat(units), per_tensor, combine_norms(per_tensor, norm_type), found_inf
+
+
+def unit_scale_pass(grads: list[torch.Tensor], coef: torch.Tensor, inv_scale: Optional[torch.Tensor],
+                    found_inf: Optional[torch.Tensor], zero_if_inf: bool) -> None:
+    """In place: every unit (row) of every gradient ``<- unit * inv_scale * coef[unit]``, computed in float32
+    (float64 for float64 gradients) and rounded once. ``coef`` has one entry per unit, in
+    :func:`unit_norm_pass`'s order. When ``found_inf`` is non-zero the gradients are zeroed (``zero_if_inf``)
+    or left untouched."""
+    counts = [unit_count(g) for g in grads]
+    if coef.numel() != sum(counts):
+        raise ValueError(f"coef must hold one entry per unit ({sum(counts)}), got {coef.numel()}")
+    coefs = coef.reshape(-1).split(counts)
+    for g, c in zip(grads, coefs):
+        if g.numel() == 0:
+            continue
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+        u = (_rows(_unscaled(g, acc, inv_scale)) * c.to(acc)[:, None]).reshape(g.shape)
+        if found_inf is not None:
+            skipped = torch.zeros_like(u) if zero_if_inf else g.to(acc)
+            u = torch.where(found_inf.to(g.device) != 0, skipped, u)
+        g.copy_(u)
+
+
+def unit_clip_finalize(param_norms: torch.Tensor, grad_norms: torch.Tensor, clip_factor: float, eps: float,
+                       norm_type: float):
+    """``(coef, post_clip_norm)`` of adaptive gradient clipping (AGC), one coefficient per unit, in
+    ``grad_norms``' dtype: a unit may keep ``max_norm = max(param_norm, eps) * clip_factor``; one whose
+    gradient norm is not below it is scaled by ``max_norm / max(grad_norm, 1e-6)`` (timm's
+    ``adaptive_clip_grad``). An infinite param norm leaves its unit alone. ``post_clip_norm``: the p-norm of
+    the clipped units."""
+    dtype = grad_norms.dtype
+    bound = param_norms.to(dtype).clamp(min=eps) * clip_factor
+    coef = torch.where(grad_norms < bound, torch.ones_like(grad_norms), bound / grad_norms.clamp(min=1e-6))
+    post = combine_norms(grad_norms.double() * coef.double(), norm_type).to(dtype)
+    return coef, post
+
+
+# ------------------------------------------------------------------------------------------------ ZClip
+def zclip_update(state: torch.Tensor, warmup: torch.Tensor, total: torch.Tensor, found_inf: torch.Tensor,
+                 alpha: float, z_thresh: float, max_grad_norm: float, eps: float, rule: int, clip_factor: float,
+                 skip_update_on_spike: bool) -> torch.Tensor:
+    """One step of ZClip (Kumar et al. 2025, arXiv:2504.02507; the ``zclip`` package's arithmetic, in float64 on
+    the device): returns the bound for this step's total norm and updates ``state`` (float64 [4]: EMA mean,
+    EMA variance, ready, warm-up count) and ``warmup`` (float64, one slot per warm-up step) in place.
+
+    While not ready the bound is ``max_grad_norm`` (inf: none) and each clean norm is recorded; when the
+    warm-up is full, mean and variance are initialised from it. Once ready, with ``std = var ** 0.5``:
+    rule 2 (percentile) flags a spike when ``norm > mean + z_thresh * std`` and clips to that; rules 0 and 1
+    (z-score) flag one when ``z = (norm - mean) / (std + eps) > z_thresh`` and clip to
+    ``(mean + z_thresh * std / (z / z_thresh)) * clip_factor`` (0, adaptive scaling) or ``mean`` (1). The
+    bound is that threshold, at most ``max_grad_norm``, when the norm exceeds it, else the largest finite
+    value of ``total``'s dtype (no clip under either coefficient rule). Then mean and variance move towards
+    the threshold on a spike (unless ``skip_update_on_spike``), towards the norm otherwise:
+    ``mean = alpha * mean + (1 - alpha) * x``, ``var = alpha * var + (1 - alpha) * (x - mean) ** 2``. A step
+    whose norm is not finite or whose ``found_inf`` is set changes no state.
+    """
+    dtype = total.dtype
+    norm = total.reshape(()).double()
+    clean = (found_inf.reshape(()) == 0) & norm.isfinite()
+    mean, var, count = state[ZCLIP_MEAN], state[ZCLIP_VAR], state[ZCLIP_COUNT]
+    ready = state[ZCLIP_READY] != 0
+    std = var ** 0.5
+    if rule == 2:
+        threshold = mean + z_thresh * std
+        spike = norm > threshold
+    else:
+        z = (norm - mean) / (std + eps)
+        spike = z > z_thresh
+        threshold = (mean + (z_thresh * std) / (z / z_thresh)) * clip_factor if rule == 0 else mean
+    effective = torch.where(spike, threshold, math.inf).clamp(max=max_grad_norm)
+    no_clip = torch.finfo(dtype).max
+    bound = torch.where(ready, torch.where(norm > effective, effective, no_clip), min(max_grad_norm, no_clip))
+    # the EMA step of a ready run
+    x = torch.where(spike, threshold, norm)
+    new_mean = alpha * mean + (1 - alpha) * x
+    new_var = alpha * var + (1 - alpha) * (x - new_mean) ** 2
+    update = ready & clean
+    if skip_update_on_spike:
+        update = update & ~spike
+    # the warm-up of a run not ready yet
+    record = ~ready & clean
+    slot = count.clamp(max=warmup.numel() - 1).long().reshape(1)
+    warmup.index_copy_(0, slot, torch.where(record, norm, warmup.index_select(0, slot)[0]).reshape(1))
+    new_count = count + record.double()
+    filled = record & (new_count >= warmup.numel())
+    first_mean = warmup.sum() / warmup.numel()
+    first_var = ((warmup - first_mean) ** 2).sum() / warmup.numel()
+    new_state = [None] * 4
+    new_state[ZCLIP_MEAN] = torch.where(filled, first_mean, torch.where(update, new_mean, mean))
+    new_state[ZCLIP_VAR] = torch.where(filled, first_var, torch.where(update, new_var, var))
+    new_state[ZCLIP_READY] = (ready | filled).double()
+    new_state[ZCLIP_COUNT] = new_count
+    state.copy_(torch.stack(new_state))
+    return bound.to(dtype)
+
+
 # ------------------------------------------------------------------------------------------------ oracles
 def exact_norm(grads: list[torch.Tensor], norm_type: float, inv_scale: float | None = None) -> float:
     """The total norm in float64 on the host: the yardstick tests compare every backend with."""
@@ -258,3 +406,34 @@ def torch_unscale_and_clip(
     for group in by_dtype.values():
         torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale)
     return torch_clip_grad_norm(grads, max_norm, norm_type), found_inf
+
+
+@functools.lru_cache(maxsize=None)
+def timm_adaptive_clip_grad():
+    """timm's ``adaptive_clip_grad(parameters, clip_factor, eps, norm_type)`` (the AGC baseline of the tests
+    and benchmarks), or None when timm is not installed.
+
+    ``import timm`` imports torchvision, whose wheel may not load beside the torch installed here ("operator
+    torchvision::nms does not exist"); ``timm/utils/agc.py`` itself needs torch only, so it is then loaded by
+    its path.
+    """
+    import importlib.util
+
+    try:
+        from timm.utils.agc import adaptive_clip_grad
+
+        return adaptive_clip_grad
+    except Exception:  # not installed, or torchvision failing to import
+        pass
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    import os
+
+    path = os.path.join(list(spec.submodule_search_locations)[0], "utils", "agc.py")
+    if not os.path.exists(path):
+        return None
+    module_spec = importlib.util.spec_from_file_location("_timm_agc", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.adaptive_clip_grad

@@ -76,6 +76,31 @@ class Backend:
 
         reference.clip_stats_update(counters, layer_stats, per_tensor, coef, found_inf)
 
+    # ---------------------------------------------------------------------------- unit-wise passes, ZClip
+    # A backend without kernels of its own for these inherits the reference's: torch ops on any device, no
+    # host sync, a few launches per tensor instead of one per call (ops checks the input for them).
+    def unit_norm_pass(self, tensors, inv_scale, norm_type):
+        from .. import reference
+
+        return reference.unit_norm_pass(tensors, inv_scale, norm_type)
+
+    def unit_scale_pass(self, grads, coef, inv_scale, found_inf, zero_if_inf):
+        from .. import reference
+
+        reference.unit_scale_pass(grads, coef, inv_scale, found_inf, zero_if_inf)
+
+    def unit_clip_finalize(self, param_norms, grad_norms, clip_factor, eps, norm_type):
+        from .. import reference
+
+        return reference.unit_clip_finalize(param_norms, grad_norms, clip_factor, eps, norm_type)
+
+    def zclip_update(self, state, warmup, total, found_inf, alpha, z_thresh, max_grad_norm, eps, rule, clip_factor,
+                     skip_update_on_spike):
+        from .. import reference
+
+        return reference.zclip_update(state, warmup, total, found_inf, alpha, z_thresh, max_grad_norm, eps, rule,
+                                      clip_factor, skip_update_on_spike)
+
     # ---------------------------------------------------------------------------- eager shortcuts
     def clip_grad_norm(self, grads, max_norm, norm_type):
         """Norm pass, coefficient and scale pass in one call, or None where the backend has no such entry."""
