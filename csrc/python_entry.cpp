@@ -380,9 +380,13 @@ PyMethodDef methods[] = {
 #undef AMPCLIP_FASTCALL
 
 }  // namespace
+
+int add_adaptive_methods(PyObject* module);  // csrc/adaptive_entry.cpp
 }  // namespace ampclip
 
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, ampclip::methods};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && ampclip::add_adaptive_methods(m) < 0) Py_CLEAR(m);
+  return m;
 }

@@ -59,6 +59,21 @@ class CppBackend(Backend):
     def clip_stats_update(self, counters, layer_stats, per_tensor, coef, found_inf):
         return _or_dispatcher(_C.clip_stats_update(counters, layer_stats, per_tensor, coef, found_inf))
 
+    # the unit-wise passes and ZClip's step (csrc/cpu/unitwise_cpu.cpp, zclip_cpu.cpp)
+    def unit_norm_pass(self, tensors, inv_scale, norm_type):
+        return _or_dispatcher(_C.unit_norm_pass(tensors, inv_scale, norm_type))
+
+    def unit_scale_pass(self, grads, coef, inv_scale, found_inf, zero_if_inf):
+        return _or_dispatcher(_C.unit_scale_pass(grads, coef, inv_scale, found_inf, zero_if_inf))
+
+    def unit_clip_finalize(self, param_norms, grad_norms, clip_factor, eps, norm_type):
+        return _or_dispatcher(_C.unit_clip_finalize(param_norms, grad_norms, clip_factor, eps, norm_type))
+
+    def zclip_update(self, state, warmup, total, found_inf, alpha, z_thresh, max_grad_norm, eps, rule, clip_factor,
+                     skip_update_on_spike):
+        return _or_dispatcher(_C.zclip_update(state, warmup, total, found_inf, alpha, z_thresh, max_grad_norm, eps,
+                                              rule, clip_factor, skip_update_on_spike))
+
     def clip_grad_norm(self, grads, max_norm, norm_type):
         return _C.clip_grad_norm(grads, max_norm, norm_type)
 
