@@ -12,3 +12,9 @@ from .small_ops import clip_finalize_triton, clip_stats_update_triton, scaler_up
 
 __all__ = ["clip_finalize_triton", "clip_stats_update_triton", "fused_norm_triton",
            "fused_scale_triton", "scaler_update_triton"]
+
+# adaptive clipping: AGC's unit-wise passes and ZClip's step
+from .unitwise import unit_clip_finalize_triton, unit_norm_triton, unit_scale_triton
+from .zclip import zclip_update_triton
+
+__all__ += ["unit_clip_finalize_triton", "unit_norm_triton", "unit_scale_triton", "zclip_update_triton"]

@@ -11,6 +11,7 @@ import os
 
 from . import Backend, Unavailable
 from .tensor_table import tensor_table
+from .unit_layout import unit_layout
 
 
 def _interpreter_runs_kernels() -> bool:
@@ -65,6 +66,36 @@ class TritonBackend(Backend):
 
     def clip_stats_update(self, counters, layer_stats, per_tensor, coef, found_inf):
         self._k.clip_stats_update_triton(counters, layer_stats, per_tensor, coef, found_inf)
+
+    # the unit-wise passes of AGC (triton_kernels/unitwise.py) and ZClip's step (triton_kernels/zclip.py)
+    def unit_norm_pass(self, tensors, inv_scale, norm_type):
+        table = tensor_table(tensors)
+        table.stage_in(tensors)
+        return self._k.unit_norm_triton(table, unit_layout(table, tensors), inv_scale, norm_type)
+
+    def unit_scale_pass(self, grads, coef, inv_scale, found_inf, zero_if_inf):
+        table = tensor_table(grads)
+        if table.expanded is not None:
+            raise ValueError(f"gradient {table.expanded} has elements that share memory (an expanded, stride-0 "
+                             "tensor): it cannot be written in place; clone it first")
+        layout = unit_layout(table, grads)
+        if coef.numel() != layout.num_units:
+            raise ValueError(f"coef must hold one entry per unit ({layout.num_units}), got {coef.numel()}")
+        if table.aliased:  # one tensor after the other, each reading what the ones before it wrote
+            for g, c in zip(grads, coef.reshape(-1).split(layout.counts)):
+                self.unit_scale_pass([g], c, inv_scale, found_inf, zero_if_inf)
+            return
+        table.stage_in(grads)
+        self._k.unit_scale_triton(table, layout, coef, inv_scale, found_inf, zero_if_inf)
+        table.stage_out(grads)
+
+    def unit_clip_finalize(self, param_norms, grad_norms, clip_factor, eps, norm_type):
+        return self._k.unit_clip_finalize_triton(param_norms, grad_norms, clip_factor, eps, norm_type)
+
+    def zclip_update(self, state, warmup, total, found_inf, alpha, z_thresh, max_grad_norm, eps, rule, clip_factor,
+                     skip_update_on_spike):
+        return self._k.zclip_update_triton(state, warmup, total, found_inf, alpha, z_thresh, max_grad_norm, eps,
+                                           rule, clip_factor, skip_update_on_spike)
 
 
 def load() -> Backend:
