@@ -7,6 +7,7 @@ Drop-in replacements for ``torch.nn.utils.clip_grad_norm_`` and friends::
 """
 
 from . import ops, reference, strategies
+from .adaptive import ZClip, adaptive_clip_grad_
 from .clipper import ClipStats, FusedClipper
 from .clipping import (
     RECOMMENDED_CLIPPING_THRESHOLDS,
@@ -42,6 +43,8 @@ __all__ = [
     "MetricsLogger",
     "RECOMMENDED_CLIPPING_THRESHOLDS",
     "TensorBoardSink",
+    "ZClip",
+    "adaptive_clip_grad_",
     "create_amp_trainer",
     "create_default_amp_config",
     "create_gradient_clipper",

@@ -12,8 +12,9 @@ Bytes moved per step, N being the gradient bytes (see docs/clipper.md):
   costs no extra pass.
 
 What to clip to comes from a strategy (:mod:`ampclip.strategies`): a fixed norm bound by default, AutoClip,
-a value clamp, or one of your own. A step is three device ops (norm pass, clip_finalize, scale pass),
-whatever the number of tensors.
+ZClip, a value clamp, or one of your own. A step is three device ops (norm pass, clip_finalize, scale pass),
+whatever the number of tensors, plus what the strategy's bound costs (ZClip: one small op). A strategy with
+``own_passes`` (AGC: a bound per row of each parameter) runs the step's passes itself, through ``ops``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from . import ops
 from .distributed import local_shards, reduce_norms
-from .strategies import BoundOverride, ClipStrategy, NormClip, StepNorms
+from .strategies import BoundOverride, ClipStep, ClipStrategy, NormClip, StepNorms
 
 __all__ = ["ClipStats", "FusedClipper"]
 
@@ -163,6 +164,7 @@ class FusedClipper:
         self._hooked_optimizers: "weakref.WeakSet" = weakref.WeakSet()
         self._flat: Optional[_FlatBuffers] = self._flatten() if flatten else None
         self._one = torch.ones((), device=self.device)
+        self.strategy.attach(self.params, self.names)
         self.strategy.bind(self.device)
 
     # The strategy's settings, read and set through the clipper.
@@ -245,9 +247,9 @@ class FusedClipper:
     def can_defer_to(self, optimizer) -> bool:
         """Whether :meth:`clip_` can hand its coefficient to ``optimizer`` instead of rewriting the
         gradients: a fused torch optimizer (it reads ``grad_scale`` and ``found_inf``), global mode, no
-        value clamp."""
+        value clamp, a strategy that bounds the global norm (not one with passes of its own, such as AGC)."""
         return (getattr(optimizer, "_step_supports_amp_scaling", False) and self.mode == "global"
-                and self.value_clip is None)
+                and self.value_clip is None and not self.strategy.own_passes)
 
     # ----------------------------------------------------------------------------------------------------
     def clip_(self, inv_scale=None, defer_to: Optional[torch.optim.Optimizer] = None,
@@ -271,6 +273,8 @@ class FusedClipper:
         if defer_to is not None:
             self._check_deferrable(defer_to)
         indices, grads = ops.present_grads(self.params)
+        if self.strategy.own_passes:
+            return self._clip_by_strategy(inv, indices, grads, max_norm)
         grads, shard_group = local_shards(grads)
         if not grads:
             zero = torch.zeros((), device=self.device)
@@ -280,7 +284,7 @@ class FusedClipper:
         if shard_group is not None:
             per_tensor, total, found_inf = reduce_norms(per_tensor, found_inf, self.norm_type, shard_group)
         if max_norm is None:
-            bound = self.strategy.bound(StepNorms(total, per_tensor, found_inf))
+            bound = self.strategy.bound(StepNorms(total, per_tensor, found_inf, self.backend))
         else:
             bound = max_norm(total) if callable(max_norm) else max_norm
         group_index = self._group_index(indices) if self.mode == "per_group" else None
@@ -305,6 +309,24 @@ class FusedClipper:
         return ClipStats(total, reported, post, found_inf, per_tensor, names,
                          group_norms if self.mode == "per_group" else None)
 
+    def _clip_by_strategy(self, inv, indices, grads, max_norm) -> ClipStats:
+        """The step of a strategy that runs its own passes (``strategy.own_passes``, e.g. AGC)."""
+        if max_norm is not None:
+            raise ValueError(f"strategy {self.strategy.name!r} has no single bound to override: max_norm must be None")
+        if local_shards(grads)[1] is not None:
+            raise NotImplementedError(f"strategy {self.strategy.name!r} does not take sharded (DTensor) gradients")
+        if not grads:
+            zero = torch.zeros((), device=self.device)
+            return ClipStats(zero, torch.ones((), device=self.device), zero, zero.clone(), zero.new_zeros(0), [])
+        params = self.params if indices is None else [self.params[i] for i in indices]
+        result = self.strategy.clip(ClipStep(params, grads, indices, inv, self.norm_type,
+                                             self.on_nonfinite == "zero", self.backend))
+        names = self.names
+        if names is not None and indices is not None:
+            names = [names[i] for i in indices]
+        return ClipStats(result.total, result.clip_coef, result.post_clip_norm, result.found_inf, result.per_tensor,
+                         names)
+
     def _check_deferrable(self, optimizer) -> None:
         if not getattr(optimizer, "_step_supports_amp_scaling", False):
             raise TypeError(
@@ -312,8 +334,9 @@ class FusedClipper:
                 f"optimizer.grad_scale and optimizer.found_inf; got {type(optimizer).__name__}"
             )
         if not self.can_defer_to(optimizer):
-            raise ValueError("deferred clipping folds one coefficient into the optimizer: use mode='global' "
-                             "and no value_clip")
+            raise ValueError("deferred clipping folds one coefficient into the optimizer: use mode='global', "
+                             "no value_clip and a strategy that bounds the global norm, not one with passes of its "
+                             "own (AGC)")
         if optimizer not in self._hooked_optimizers:
             # The optimizer reads these attributes in every step: remove them after the step they belong to.
             optimizer.register_step_post_hook(_drop_deferred_scale)

@@ -29,6 +29,8 @@ class ClippingStrategy(str, enum.Enum):
     NORM = "norm"
     VALUE = "value"
     ADAPTIVE = "adaptive"
+    ZCLIP = "zclip"
+    AGC = "agc"
 
 
 class GradientClipper:
@@ -36,17 +38,21 @@ class GradientClipper:
 
     Args:
         parameters: parameters or ``named_parameters()`` (names appear in the statistics).
-        strategy: "norm", "value", "adaptive" (a :class:`ClippingStrategy`), or any name registered in
-            :mod:`ampclip.strategies`.
+        strategy: "norm", "value", "adaptive" (a :class:`ClippingStrategy`), "zclip", "agc", or any name
+            registered in :mod:`ampclip.strategies`.
         max_norm: the norm bound; None picks :func:`get_recommended_threshold` for ``precision``. With
-            "adaptive" it caps the adaptive bound (None: no cap).
+            "adaptive" or "zclip" it caps the adaptive bound (None: no cap); "agc" takes none.
         precision: "fp16", "bf16" or "fp32".
         clip_value: the element bound of the "value" strategy (default: ``max_norm``); with "norm", a value
             clamp applied before the norm clip.
         mode: "global", "per_tensor" or "per_group" (norm strategy), see FusedClipper.
         enable_monitoring: keep per-layer norm sums and maxima on the device.
+        coef_rule, coef_eps: the clip coefficient of a norm bound, ``min(1, max_norm / (norm + coef_eps))``
+            ("torch", eps 1e-6 as torch) or ``max_norm / max(norm + coef_eps, max_norm)`` ("max"); see
+            :class:`FusedClipper`.
         **strategy_options: the strategy's own options, e.g. ``percentile`` and ``history_size`` for
-            "adaptive" (AutoClip).
+            "adaptive" (AutoClip); ``alpha``, ``z_thresh``, ``warmup_steps``, ``zclip_mode``, ... for "zclip";
+            ``clip_factor``, ``eps``, ``exclude`` for "agc".
 
     Example::
 
@@ -69,6 +75,8 @@ class GradientClipper:
         enable_monitoring: bool = True,
         backend: Optional[str] = None,
         on_nonfinite: str = "leave",
+        coef_rule: str = "torch",
+        coef_eps: float = ops.EPS,
         **strategy_options,
     ):
         bound = strategies.create(strategy, precision, max_norm, clip_value, mode, **strategy_options)
@@ -77,7 +85,7 @@ class GradientClipper:
         self.precision = precision
         self.enable_monitoring = enable_monitoring
         self.fused = FusedClipper(parameters, norm_type=norm_type, groups=groups, backend=backend,
-                                  on_nonfinite=on_nonfinite, strategy=bound)
+                                  on_nonfinite=on_nonfinite, strategy=bound, eps=coef_eps, coef_rule=coef_rule)
         self.reset()
 
     # The settings of the clipper underneath.
@@ -139,9 +147,7 @@ class GradientClipper:
             sums, peaks, lasts = self._layers.tolist()
             out["per_layer"] = {n: {"last": last, "mean": total / self.steps, "max": peak}
                                 for n, last, total, peak in zip(names, lasts, sums, peaks)}
-        current = getattr(self.fused.strategy, "current_bound", None)
-        if current is not None:
-            out["adaptive_bound"] = current()
+        out.update(self.fused.strategy.statistics())  # AutoClip's bound, ZClip's mean and std
         return out
 
     def state_dict(self) -> dict:
