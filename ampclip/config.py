@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
-from . import strategies
+from . import ops, strategies
 from .clipper import MODES
 from .nan import STRATEGIES as NAN_STRATEGIES
 from .strategies import RECOMMENDED_CLIPPING_THRESHOLDS
@@ -22,10 +22,14 @@ class AMPConfig:
       "fp32".
     * ``gradient_clip_max_norm``: None picks ``RECOMMENDED_CLIPPING_THRESHOLDS[precision]`` (fp16 1.0,
       bf16 5.0, fp32 10.0). ``gradient_clip_strategy=None`` switches clipping off.
-    * ``gradient_clip_strategy``: "norm", "value", "adaptive" (AutoClip), any name registered in
-      :mod:`ampclip.strategies`, or None; ``gradient_clip_options``: that strategy's own options (e.g.
-      ``{"percentile": 10.0, "history_size": 1000}`` for "adaptive"); ``gradient_clip_mode``: "global",
+    * ``gradient_clip_strategy``: "norm", "value", "adaptive" (AutoClip), "zclip", "agc", any name registered
+      in :mod:`ampclip.strategies`, or None; ``gradient_clip_options``: that strategy's own options (e.g.
+      ``{"percentile": 10.0, "history_size": 1000}`` for "adaptive", ``{"z_thresh": 2.5}`` for "zclip",
+      ``{"clip_factor": 0.01, "exclude": ["head.weight"]}`` for "agc"); ``gradient_clip_mode``: "global",
       "per_tensor" or "per_group".
+    * ``gradient_clip_coef_rule`` / ``gradient_clip_coef_eps``: the coefficient of a norm bound, "torch"
+      (``min(1, max_norm / (norm + eps))``, eps 1e-6) or "max" (``max_norm / max(norm + eps, max_norm)``), to
+      match another system's recipe (docs/strategies.md).
     * ``enable_gradient_monitoring``: per-layer norms, every ``monitoring_interval`` steps to the logger.
     * loss-scaler settings, ``grad_accumulation_steps``, ``nan_recovery_strategy`` ("skip",
       "reduce_scale", "clip" or "rollback").
@@ -37,6 +41,8 @@ class AMPConfig:
     gradient_clip_mode: str = "global"
     gradient_clip_value: Optional[float] = None
     gradient_clip_options: dict = field(default_factory=dict)
+    gradient_clip_coef_rule: str = "torch"
+    gradient_clip_coef_eps: float = 1e-6
     enable_gradient_monitoring: bool = True
     monitoring_interval: int = 100
     init_scale: Optional[float] = None
@@ -59,6 +65,11 @@ class AMPConfig:
             value = getattr(self, name)
             if isinstance(value, (int, float)) and (math.isnan(value) or value < 0):
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.gradient_clip_coef_rule not in ops.RULES:
+            raise ValueError(f"gradient_clip_coef_rule must be one of {tuple(ops.RULES)}, got "
+                             f"{self.gradient_clip_coef_rule!r}")
+        if not (isinstance(self.gradient_clip_coef_eps, (int, float)) and self.gradient_clip_coef_eps >= 0):
+            raise ValueError(f"gradient_clip_coef_eps must be a number >= 0, got {self.gradient_clip_coef_eps!r}")
         if self.gradient_clip_strategy is not None:
             name = getattr(self.gradient_clip_strategy, "value", self.gradient_clip_strategy)
             if name not in strategies.STRATEGIES:

@@ -141,7 +141,8 @@ def coefficient(norms: torch.Tensor, max_norm, eps: float, rule: int) -> torch.T
     """The clip coefficient of each norm, in the norms' dtype.
 
     rule 0 (torch's): ``min(1, max_norm / (norm + eps))``, rounded as torch's ``clip_grad_norm_`` rounds it
-    (``max_norm / t`` is ``t.reciprocal() * max_norm``); rule 1: ``max_norm / max(norm + eps, max_norm)``.
+    (``max_norm / t`` is ``t.reciprocal() * max_norm``); rule 1: ``max_norm / max(norm + eps, max_norm)``,
+    taken as 1 unless ``norm + eps > max_norm`` (an infinite max_norm gives 1, not inf / inf).
     A NaN norm gives a NaN coefficient, as in torch.
     """
     shifted = norms + eps
@@ -150,7 +151,8 @@ def coefficient(norms: torch.Tensor, max_norm, eps: float, rule: int) -> torch.T
     bound = max_norm.to(norms.dtype)
     if rule == 0:
         return (shifted.reciprocal() * bound).clamp(max=1.0)
-    return bound / torch.maximum(shifted, bound.expand_as(shifted))
+    divide = (shifted > bound) | shifted.isnan() | bound.isnan()
+    return torch.where(divide, bound / shifted, torch.ones_like(shifted))
 
 
 def clip_finalize(per_tensor, total, max_norm, mode: int, group_index, num_groups: int, norm_type: float,

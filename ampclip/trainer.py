@@ -85,7 +85,9 @@ class AMPTrainer:
             self.clipper = GradientClipper(
                 named, config.gradient_clip_strategy, max_norm=config.gradient_clip_max_norm,
                 precision=config.precision, clip_value=config.gradient_clip_value, mode=config.gradient_clip_mode,
-                enable_monitoring=config.enable_gradient_monitoring, backend=backend, **config.gradient_clip_options)
+                enable_monitoring=config.enable_gradient_monitoring, backend=backend,
+                coef_rule=config.gradient_clip_coef_rule, coef_eps=config.gradient_clip_coef_eps,
+                **config.gradient_clip_options)
         else:
             self.clipper = GradientClipper(named, "norm", max_norm=math.inf, precision=config.precision,
                                            enable_monitoring=config.enable_gradient_monitoring, backend=backend)

@@ -31,14 +31,18 @@ def _as_float(bits):
 @triton.jit
 def _coefficient(norm, bound, eps, RULE: tl.constexpr):
     """The clip coefficient in norm's dtype: rule 0 ``min(1, bound / (norm + eps))`` as torch computes it
-    (``(1 / (norm + eps)) * bound``), rule 1 ``bound / max(norm + eps, bound)``; a NaN norm gives NaN."""
+    (``(1 / (norm + eps)) * bound``), rule 1 ``bound / max(norm + eps, bound)``, 1 unless ``norm + eps > bound``
+    (an infinite bound gives 1, not inf / inf); a NaN norm gives NaN."""
     shifted = norm + eps.to(norm.dtype)
     b = bound.to(norm.dtype)
     if RULE == 0:
         c = _divide(tl.full(shifted.shape, 1.0, norm.dtype), shifted) * b
         c = tl.where(c > 1.0, 1.0, c).to(norm.dtype)
     else:
-        c = _divide(b + tl.zeros(shifted.shape, norm.dtype), tl.where((shifted > b) | (shifted != shifted), shifted, b))
+        q = _divide(b + tl.zeros(shifted.shape, norm.dtype), shifted)
+        c = tl.where(shifted > b, q, 1.0)
+        c = tl.where(shifted != shifted, q, c)  # a NaN norm (or bound) gives NaN
+        c = tl.where(b != b, q, c).to(norm.dtype)
     return c
 
 

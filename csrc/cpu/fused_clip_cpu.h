@@ -69,7 +69,8 @@ at::Tensor clip_grad_norm_cpu(CpuGrads& grads, double max_norm, double norm_type
 // The clip coefficient of a norm in the norm's dtype T. rule 0, torch's: min(1, max_norm / (norm + eps)),
 // rounded as the tensor ops of torch's clip_grad_norm_ round it (`max_norm / t` is `t.reciprocal() *
 // max_norm`, the scalars cast to T), so that the fused clip, the small op and torch agree bit for bit.
-// rule 1: max_norm / max(norm + eps, max_norm). A NaN norm gives a NaN coefficient, as in torch.
+// rule 1: max_norm / max(norm + eps, max_norm), taken as 1 unless norm + eps > max_norm (so that an infinite
+// max_norm gives 1, not inf / inf). A NaN norm gives a NaN coefficient, as in torch.
 template <typename T>
 T clip_coefficient(T norm, double max_norm, double eps, int64_t rule) {
   const T shifted = norm + static_cast<T>(eps);
@@ -78,7 +79,7 @@ T clip_coefficient(T norm, double max_norm, double eps, int64_t rule) {
     const T coef = (T(1) / shifted) * bound;
     return std::isnan(coef) ? coef : std::min(coef, T(1));
   }
-  return bound / (std::isnan(shifted) ? shifted : std::max(shifted, bound));
+  return (shifted > bound || std::isnan(shifted) || std::isnan(bound)) ? bound / shifted : T(1);
 }
 
 // The small ops of ampclip/ops.py (csrc/cpu/small_ops_cpu.cpp): a few numbers per tensor, in one call each.
