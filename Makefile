@@ -18,7 +18,7 @@ EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/c
 
 .PHONY: setup demo test test-gpu bench env clean
 
-setup: $(VENV)/.built
+setup: $(VENV)/.built $(VENV)/.test-deps
 
 $(VENV)/.deps:
 	mkdir -p $(VENV)
@@ -28,6 +28,15 @@ $(VENV)/.deps:
 		echo "triton unavailable: the Triton backend is skipped"
 	$(PY) -c "import pytest, numpy, ninja, tqdm, matplotlib, tensorboard" 2>/dev/null || \
 		$(PY) -m pip install -q pytest numpy ninja tqdm matplotlib tensorboard
+	touch $@
+
+# The baselines of the adaptive-clipping parity tests, without their dependencies: zclip needs torch only,
+# and timm's agc.py too (timm's torchvision wheel may not load beside this torch). Tests skip without them.
+$(VENV)/.test-deps: $(VENV)/.deps
+	$(PY) -c "import zclip" 2>/dev/null || $(PY) -m pip install -q --no-deps zclip || \
+		echo "zclip unavailable: the ZClip parity tests are skipped"
+	$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('timm') is None)" || \
+		$(PY) -m pip install -q --no-deps timm || echo "timm unavailable: the AGC parity tests are skipped"
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps pyproject.toml setup.py $(EXT_SOURCES)
