@@ -10,6 +10,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ampclip"
 PUBLIC = ["functional", "clipper", "scaler", "clipping", "trainer", "distributed", "strategies", "config", "nan",
+          "adaptive",
           "metrics"]
 
 
