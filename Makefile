@@ -44,8 +44,17 @@ test: setup
 test-gpu: setup
 	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu
 
+# BENCH_RUNS runs of the harness (pytest-benchmark), then the report: ratios inside each run, medians over runs.
+BENCH_RUNS ?= 3
+BENCH_ARGS ?=
+BENCH_OUT ?= benchmarks/results/$(shell date +%Y-%m-%d)
 bench: setup
-	$(PY) -m ampclip bench
+	mkdir -p $(BENCH_OUT)
+	for i in $$(seq 1 $(BENCH_RUNS)); do \
+		$(PY) -m pytest benchmarks -p no:cacheprovider -v --benchmark-json=$(BENCH_OUT)/run-$$i.json $(BENCH_ARGS) \
+			|| exit 1; \
+	done
+	$(PY) -m benchmarks.report $(BENCH_OUT)/run-*.json --out $(BENCH_OUT) --docs docs/benchmarks.md
 
 env: setup
 	$(PY) -m ampclip env

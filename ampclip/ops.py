@@ -74,6 +74,7 @@ __all__ = [
     "clip_grad_norm",
     "clip_parameters",
     "clip_stats_update",
+    "dispatched",
     "combine_groups",
     "combine_norms",
     "grads_of",
@@ -588,6 +589,35 @@ def clip_parameters(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
 
 # --------------------------------------------------------------------------------------------------------
 # what runs here
+
+
+def dispatched(fn, *args, **kwargs) -> list[str]:
+    """The names of the ops ``fn(*args, **kwargs)`` dispatches, in order, views excluded (they launch
+    nothing): on a GPU each is a kernel launch of a few microseconds of host time. An ampclip op counts once,
+    whatever its backend does inside.
+
+    Example::
+
+        >>> ampclip.ops.dispatched(clipper.clip_)
+        ['ampclip.norm_pass.default', 'ampclip.clip_finalize.default', 'ampclip.scale_pass.default', ...]
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            returns = func._schema.returns
+            if not (returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)):
+                self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder() as recorder:
+        fn(*args, **kwargs)
+    return recorder.names
+
 
 
 def backend() -> dict:

@@ -231,7 +231,10 @@ class DynamicLossScaler:
         return stats
 
     def _clipper_for(self, optimizer, max_norm, norm_type, mode, value_clip) -> FusedClipper:
-        key = (tuple(id(p) for g in optimizer.param_groups for p in g["params"]), norm_type, mode, value_clip)
+        # The clipper is rebuilt when the optimizer's parameter lists change (add_param_group, a new list);
+        # the key costs one tuple per group, not one per parameter.
+        key = (tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups), norm_type, mode,
+               value_clip)
         cached = self._clippers.get(id(optimizer))
         if cached is None or cached[0] != key:
             clipper = FusedClipper(optimizer.param_groups, max_norm, norm_type, mode=mode, value_clip=value_clip,
