@@ -61,6 +61,7 @@ __all__ = [
     "RULES",
     "SUPPORTED_DTYPES",
     "accumulation_dtype",
+    "as_list",
     "available_backends",
     "backend",
     "by_device",
@@ -146,13 +147,14 @@ def combine_norms(norms: torch.Tensor, norm_type: float) -> torch.Tensor:
 # checks: a clear error before anything is modified
 
 
-def check_norm_type(norm_type) -> float:
-    """norm_type as a float: any p > 0, or inf."""
+def check_norm_type(norm_type, kernels: bool = True) -> float:
+    """norm_type as a float: any p > 0 or inf for the kernels; with ``kernels=False`` (the drop-ins) also
+    what torch computes: 0 (the count of non-zeros), negative p and -inf (the smallest |g|)."""
     try:
         p = float(norm_type)
     except (TypeError, ValueError):
-        raise ValueError(f"norm_type must be a number > 0 or inf, got {norm_type!r}") from None
-    if math.isnan(p) or p <= 0:
+        raise ValueError(f"norm_type must be a number, got {norm_type!r}") from None
+    if math.isnan(p) or (kernels and p <= 0):
         raise ValueError(f"norm_type must be a number > 0 or inf, got {norm_type!r}")
     return p
 
@@ -209,7 +211,7 @@ def check_grads(grads: Sequence[torch.Tensor], writable: bool = False) -> None:
 # gathering gradients
 
 
-def _as_list(tensors, what: str) -> list:
+def as_list(tensors, what: str) -> list:
     if isinstance(tensors, torch.Tensor):
         return [tensors]
     try:
@@ -220,7 +222,7 @@ def _as_list(tensors, what: str) -> list:
 
 def grads_of(parameters) -> list[torch.Tensor]:
     """The ``.grad`` of every parameter that has one, in order (parameters: a Tensor or an iterable)."""
-    params = _as_list(parameters, "parameters")
+    params = as_list(parameters, "parameters")
     try:  # one pass: on 10,000 parameters every extra Python loop costs about a millisecond
         return [p.grad for p in params if p.grad is not None]
     except AttributeError:
@@ -515,8 +517,22 @@ def clip_coef(max_norm, total_norm: torch.Tensor, backend: Optional[str] = None)
     return clip_finalize(total.reshape(1), total, max_norm, backend=backend)[0]
 
 
+def _torch_formula(grads: list[torch.Tensor], norm_type: float) -> bool:
+    """Norms the kernels do not compute, which the drop-ins take as torch does: norm_type 0, negative or
+    -inf, and complex gradients. Rare: plain torch ops serve them."""
+    return not norm_type > 0 or any(g.is_complex() for g in grads)
+
+
+def _torch_total(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    first = grads[0].device
+    norms = [torch.linalg.vector_norm(g, norm_type).to(first) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+
+
 def total_norm(grads: list[torch.Tensor], norm_type: float, backend: Optional[str] = None) -> torch.Tensor:
     """The norm of all ``grads`` as one vector, on the first gradient's device; one norm pass per device."""
+    if _torch_formula(grads, norm_type):
+        return _torch_total(grads, norm_type)
     groups = by_device(grads)
     totals = [norm_pass(device_grads, None, norm_type, backend=backend)[1] for device_grads in groups.values()]
     if len(totals) == 1:
@@ -570,14 +586,22 @@ def clip_parameters(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
     decides its fast path. The backend serving CPU gradients may clip straight from the parameter list (the
     compiled one reads ``.grad`` in C++: 0.72 -> 0.26 ms on 2000 x 512); it answers None for anything else,
     which takes the general path: gather, check, norm pass per device, coefficient, scale pass."""
-    params = _as_list(parameters, "parameters")
-    if not error_if_nonfinite and not torch.compiler.is_compiling():
+    params = as_list(parameters, "parameters")
+    if not error_if_nonfinite and norm_type > 0 and not torch.compiler.is_compiling():
         total = _impl(resolve_backend(backend, "cpu")).clip_params(params, max_norm, norm_type)
         if total is not None:
             return total
     grads = grads_of(params)
     if not grads:
         return torch.tensor(0.0)
+    if _torch_formula(grads, norm_type):
+        total = _torch_total(grads, norm_type)
+        if error_if_nonfinite:
+            raise_if_nonfinite(total, norm_type)
+        coef = (max_norm / (total + EPS)).clamp(max=1.0)
+        for g in grads:  # as torch: one multiply per gradient, the coefficient on its device
+            g.mul_(coef.to(g.device))
+        return total
     if not error_if_nonfinite and len(by_device(grads)) == 1:
         return clip_grad_norm(grads, max_norm, norm_type, backend)
     total = total_norm(grads, norm_type, backend)
