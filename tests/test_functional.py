@@ -236,6 +236,30 @@ def test_float64_gradients_give_a_float64_norm():
     assert got.dtype == torch.float64 and rel_close(got.item(), reference.exact_norm(grads, 2.0), 1e-12)
 
 
+def test_unpatch_restores_torchs_modules_exactly_and_a_backend_can_be_forced(monkeypatch):
+    import torch.nn.utils as nn_utils
+    import torch.nn.utils.clip_grad as clip_grad_module
+
+    before = [dict(vars(m)) for m in (nn_utils, clip_grad_module)]
+    ampclip.patch_torch(backend="reference")
+    try:
+        assert ampclip.is_patched() and ampclip.backend()["torch_patched"]
+        used = []
+        real = ops.clip_parameters
+        monkeypatch.setattr(ops, "clip_parameters", lambda *a: used.append(a[-1]) or real(*a))
+        torch.nn.utils.clip_grad_norm_(make_params(random_grads([(10,)])), 1.0)
+        assert used == ["reference"]
+    finally:
+        ampclip.unpatch_torch()
+    assert not ampclip.is_patched() and not ampclip.backend()["torch_patched"]
+    after = [dict(vars(m)) for m in (nn_utils, clip_grad_module)]
+    assert [set(d) for d in after] == [set(d) for d in before]
+    assert all(a[k] is b[k] for a, b in zip(after, before) for k in a)
+    with pytest.raises(ValueError, match="unknown ampclip backend"):
+        ampclip.patch_torch(backend="nonsense")
+    assert not ampclip.is_patched()
+
+
 def test_patch_torch_routes_calls_and_unpatch_restores():
     original = torch.nn.utils.clip_grad_norm_
     ampclip.patch_torch()
