@@ -52,6 +52,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from . import backends
+from .backends import SUPPORTED_DTYPES, check_grads
 from .backends import cpp as _cpp
 
 __all__ = [
@@ -92,7 +93,6 @@ __all__ = [
 
 BACKENDS = backends.NAMES
 EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s eps, kept for identical coefficients
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MODES = {"global": 0, "per_tensor": 1, "per_group": 2}
 RULES = {"torch": 0, "max": 1}  # min(1, m / (n + eps)), and m / max(n + eps, m)
 ENV_BACKEND = "AMPCLIP_BACKEND"  # forces a backend where the caller asks for none (to debug a patched run)
@@ -187,24 +187,6 @@ def check_clamp(value, name: str = "value_clip") -> Clamp:
         return lo, hi
     c = check_bound(value, name)
     return -c, c
-
-
-def check_grads(grads: Sequence[torch.Tensor], writable: bool = False) -> None:
-    """Dense float16/bfloat16/float32/float64 tensors on one device; for a write, no element shares memory
-    with another of the same tensor (an expanded, zero-stride gradient)."""
-    device = grads[0].device
-    for i, g in enumerate(grads):
-        if g.layout != torch.strided:
-            raise TypeError(f"ampclip clips dense gradients only; gradient {i} has layout {g.layout}")
-        if g.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"ampclip clips float16, bfloat16, float32 and float64 gradients; gradient {i} is "
-                            f"{g.dtype}")
-        if g.device != device:
-            raise ValueError(f"ampclip needs the gradients of one call on one device; gradient {i} is on "
-                             f"{g.device}, gradient 0 on {device}")
-        if writable and torch._debug_has_internal_overlap(g) == 1:
-            raise ValueError(f"gradient {i} has elements that share memory (an expanded, stride-0 tensor): it "
-                             "cannot be written in place; clone it first")
 
 
 # --------------------------------------------------------------------------------------------------------
