@@ -60,7 +60,7 @@ def _compiler_problem():
     try:
         subprocess.run([exe, "--version"], check=True, capture_output=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
-        return f"the C++ compiler `{cxx}` does not run (`{cxx} --version`: {type(exc).__name__})"
+        return f"the C++ compiler `{cxx}` does not run: `{cxx} --version` failed ({type(exc).__name__})"
     return None
 
 
