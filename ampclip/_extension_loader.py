@@ -182,7 +182,7 @@ def _jit_problem(sources: Optional[str], namespace: str) -> Optional[str]:
     try:
         subprocess.run([exe, "--version"], check=True, capture_output=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
-        return f"the C++ compiler `{cxx}` does not run ({type(exc).__name__})"
+        return f"the C++ compiler `{cxx}` does not run: `{cxx} --version` failed ({type(exc).__name__})"
     if shutil.which("ninja", path=path) is None:
         return "ninja is not installed (`pip install ninja`)"
     return None
