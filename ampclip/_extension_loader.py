@@ -258,6 +258,8 @@ def load(name: str = "ampclip._C", namespace: str = "ampclip_C") -> tuple[Option
         >>> _C, problem = load("ampclip._C")
         >>> _C is not None or print(problem)
     """
+    if name in sys.modules and sys.modules[name] is None:  # how a test or an application blocks an import
+        return None, f"{name} is disabled in this process (sys.modules[{name!r}] is None)"
     if name in sys.modules and name in _LOADED_FROM:
         return sys.modules[name], None
     package = name.rpartition(".")[0]

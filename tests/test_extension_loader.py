@@ -123,6 +123,14 @@ def test_not_built_at_install_says_why(on_path):
                           "pip install . --no-build-isolation")
 
 
+def test_an_import_blocked_in_sys_modules_stays_blocked(on_path, monkeypatch):
+    name, _ = make_package(on_path, torch_version=torch.__version__)
+    monkeypatch.setitem(sys.modules, f"{name}._C", None)
+    module, message = loader.load(f"{name}._C")
+    assert module is None
+    assert_one_clear_line(message, f"{name}._C is disabled in this process")
+
+
 def test_loads_the_extension_that_fits():
     if loader._extension_file(loader._package_dirs("ampclip"), "_C") is None:
         pytest.skip("ampclip._C is not built here")
