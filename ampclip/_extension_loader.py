@@ -107,17 +107,6 @@ def _not_built_note(package: str) -> Optional[str]:
     return info.get("NOTE") if info.get("EXTENSION") == "skipped" else None
 
 
-def _namespace_loaded(namespace: str) -> bool:
-    """Whether ops of ``namespace`` are registered in this process: a second library that registers them
-    again makes TORCH_LIBRARY abort the process, so no second copy may be loaded then."""
-    try:
-        names = torch._C._dispatch_get_all_op_names()
-    except Exception:
-        return False
-    prefix = namespace + "::"
-    return any(n.startswith(prefix) for n in names)
-
-
 def _import_file(name: str, path: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)  # dlopen and PyInit run here
@@ -140,7 +129,7 @@ def _sources(dirs: list[str]) -> Optional[str]:
     """The folder of the C++ sources: ``csrc`` installed inside the package, or beside it in a checkout."""
     for folder in dirs:
         for candidate in (os.path.join(folder, "csrc"), os.path.join(os.path.dirname(folder), "csrc")):
-            if os.path.isfile(os.path.join(candidate, "ops.cpp")):
+            if os.path.isfile(os.path.join(candidate, "python_entry.cpp")):
                 return candidate
     return None
 
@@ -166,14 +155,12 @@ def _path_with_scripts() -> str:
     return os.pathsep.join([path, *extra]) if path else os.pathsep.join(extra)
 
 
-def _jit_problem(sources: Optional[str], namespace: str) -> Optional[str]:
+def _jit_problem(sources: Optional[str]) -> Optional[str]:
     """Why the extension cannot be rebuilt here, or None."""
     if os.environ.get("AMPCLIP_NO_JIT_BUILD") == "1":
         return "AMPCLIP_NO_JIT_BUILD=1 is set"
     if sources is None:
         return "its C++ sources are not installed"
-    if _namespace_loaded(namespace):
-        return f"another copy of its ops ({namespace}::) is already loaded in this process"
     path = _path_with_scripts()
     cxx = os.environ.get("CXX", "c++")
     exe = shutil.which(cxx.split()[0], path=path) if cxx.strip() else None
@@ -245,13 +232,13 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def load(name: str = "ampclip._C", namespace: str = "ampclip_C") -> tuple[Optional[ModuleType], Optional[str]]:
+def load(name: str = "ampclip._C") -> tuple[Optional[ModuleType], Optional[str]]:
     """Imports the compiled extension ``name`` if it fits the running torch, else rebuilds it.
 
     Returns ``(module, None)`` when the extension is usable (the installed one, or one rebuilt against the
     running torch), ``(None, message)`` otherwise, ``message`` being one line that says what happened and
-    how to build. Never raises for a missing, mismatched or broken build. ``namespace`` is the
-    ``TORCH_LIBRARY`` namespace the extension registers.
+    how to build. Never raises for a missing, mismatched or broken build. (The extension registers no
+    dispatcher ops: those live in ampclip/ops.py, so a rebuilt copy beside a mismatched one is harmless.)
 
     Example::
 
@@ -283,7 +270,7 @@ def load(name: str = "ampclip._C", namespace: str = "ampclip_C") -> tuple[Option
             problem = f"{name} could not be loaded ({_first_line(exc)})"
 
     sources = _sources(dirs)
-    reason = _jit_problem(sources, namespace)
+    reason = _jit_problem(sources)
     if reason is not None:
         return None, f"{problem}, and it was not rebuilt ({reason}); rebuild it against this torch with {HOW_TO_BUILD}"
     try:

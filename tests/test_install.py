@@ -79,9 +79,10 @@ def installed(tmp, wheel):
 def test_wheel_ships_package_data_sources_and_every_subpackage(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {"ampclip/data/corpus.txt", "ampclip/_build_info.py", "ampclip/_extension_loader.py",
-                "ampclip/csrc/ops.cpp", "ampclip/csrc/python_entry.cpp", "ampclip/csrc/cpu/fused_clip_cpu.cpp",
-                "ampclip/csrc/cpu/fused_clip_cpu.h", "ampclip/triton_kernels/__init__.py"}
-    # Every package of the source tree (ampclip.backends included, once it exists).
+                "ampclip/csrc/python_entry.cpp", "ampclip/csrc/cpu/fused_clip_cpu.cpp",
+                "ampclip/csrc/cpu/small_ops_cpu.cpp", "ampclip/csrc/cpu/fused_clip_cpu.h",
+                "ampclip/triton_kernels/__init__.py"}
+    # Every package of the source tree (ampclip.backends included).
     for init in (ROOT / "ampclip").rglob("__init__.py"):
         expected.add(init.relative_to(ROOT).as_posix())
     assert expected <= names, sorted(expected - names)
