@@ -641,6 +641,7 @@ def backend() -> dict:
         "in_use": {"cpu": resolve_backend(None, "cpu")},
         "forced": os.environ.get(ENV_BACKEND) or None,
         "torch_patched": getattr(torch.nn.utils.clip_grad_norm_, "__module__", "").startswith("ampclip"),
+        "extension": _cpp.describe(),
         "torch": torch.__version__,
         "triton": None,
         "cuda": torch.version.cuda,

@@ -66,6 +66,11 @@ def load() -> Backend:
     return CppBackend()
 
 
+def describe() -> str:
+    """Where the compiled extension came from, or why it is not loaded (for ``python -m ampclip env``)."""
+    return f"loaded from {_extension_loader.loaded_from('ampclip._C')}" if _C is not None else f"not loaded: {ERROR}"
+
+
 def present_grads(params):
     """``(gradients that exist, their parameter indices or None when all exist)``, read in C++; None
     without the extension or when a parameter is not a plain Tensor or Parameter."""
