@@ -38,6 +38,9 @@ def pytest_addoption(parser):
                     help="memory for one gradient set (default 1 on a CPU, a sixth of the free GPU memory)")
     group.addoption("--compile", action="store_true", help="add torch.compile of the chain on the CPU too")
     group.addoption("--quick", action="store_true", help="tiny sizes and few rounds: a smoke run")
+    group.addoption("--threads", type=int, default=None,
+                    help="torch CPU threads (default torch's; recorded). Fewer than the cores of a busy machine "
+                         "avoids OpenMP waiting a scheduler time slice for a descheduled thread")
 
 
 class Settings:
@@ -45,6 +48,8 @@ class Settings:
 
     def __init__(self, config):
         option = config.getoption
+        if option("--threads"):
+            torch.set_num_threads(option("--threads"))
         self.device = torch.device(option("--device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         on_gpu = self.device.type == "cuda"
         self.quick = option("--quick")
