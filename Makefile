@@ -15,19 +15,27 @@ endif
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton>=3.6
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+# What the tests and the demo need (pyproject's `test` extra, plus the build and demo tools). They are
+# installed next to the torch that is there, pinned to its exact version as pip knows it (a CUDA wheel from
+# PyPI is 2.14.1 to pip and 2.14.1+cu130 to torch.__version__): no framework may swap it.
+TEST_DEPS := pytest numpy hypothesis pytest-benchmark ninja tqdm matplotlib tensorboard \
+	"transformers>=5,<6" "accelerate>=1,<2" "lightning>=2,<3"
+TEST_IMPORTS := pytest, numpy, hypothesis, pytest_benchmark, ninja, tqdm, matplotlib, tensorboard, \
+	transformers, accelerate, lightning
 
 .PHONY: setup demo test test-gpu bench env clean
 
 setup: $(VENV)/.built $(VENV)/.test-deps
 
-$(VENV)/.deps:
+$(VENV)/.deps: Makefile
 	mkdir -p $(VENV)
 	$(PY) -c "import sys" 2>/dev/null || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)" || \
 		echo "triton unavailable: the Triton backend is skipped"
-	$(PY) -c "import pytest, numpy, ninja, tqdm, matplotlib, tensorboard" 2>/dev/null || \
-		$(PY) -m pip install -q pytest numpy ninja tqdm matplotlib tensorboard
+	$(PY) -c "import $(TEST_IMPORTS)" 2>/dev/null || \
+		$(PY) -m pip install -q $$($(PY) -c "import importlib.metadata as m; print('torch==' + m.version('torch'))") \
+		$(TEST_DEPS)
 	touch $@
 
 # The baselines of the adaptive-clipping parity tests, without their dependencies: zclip needs torch only,
@@ -53,8 +61,17 @@ test: setup
 test-gpu: setup
 	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu
 
+# BENCH_RUNS runs of the harness (pytest-benchmark), then the report: ratios inside each run, medians over runs.
+BENCH_RUNS ?= 3
+BENCH_ARGS ?=
+BENCH_OUT ?= benchmarks/results/$(shell date +%Y-%m-%d)
 bench: setup
-	$(PY) -m ampclip bench
+	mkdir -p $(BENCH_OUT)
+	for i in $$(seq 1 $(BENCH_RUNS)); do \
+		$(PY) -m pytest benchmarks -p no:cacheprovider -v --benchmark-json=$(BENCH_OUT)/run-$$i.json $(BENCH_ARGS) \
+			|| exit 1; \
+	done
+	$(PY) -m benchmarks.report $(BENCH_OUT)/run-*.json --out $(BENCH_OUT) --docs docs/benchmarks.md
 
 env: setup
 	$(PY) -m ampclip env

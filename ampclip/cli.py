@@ -4,8 +4,31 @@ lives in the source tree's ``benchmarks/`` (``make bench``)."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value exits with status 2 and one line, as argparse does)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _bound(text: str) -> float:
+    """argparse type: a clipping bound, a number >= 0 (inf allowed; a negative one would flip the gradients)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
 
 
 def _env(args) -> int:
@@ -106,14 +129,15 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="backends available and in use, versions, GPU")
     demo = sub.add_parser("demo", help="train a tiny GPT with and without ampclip through a spike and an overflow")
-    demo.add_argument("--steps", type=int, default=200)
+    demo.add_argument("--steps", type=_positive_int, default=200)
     demo.add_argument("--out", default="ampclip-demo", help="folder for the PNG and the summary")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     compare = sub.add_parser("compare", help="ampclip vs torch clip_grad_norm_ on GPT-2-124M-shaped gradients")
     compare.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    compare.add_argument("--scale", type=int, default=1, help="divide every tensor's leading dim by this")
-    compare.add_argument("--max-norm", type=float, default=None, help="default: half the gradients' norm")
-    compare.add_argument("--reps", type=int, default=10)
+    compare.add_argument("--scale", type=_positive_int, default=1,
+                         help="divide every tensor's leading dim by this (1: full size)")
+    compare.add_argument("--max-norm", type=_bound, default=None, help="default: half the gradients' norm")
+    compare.add_argument("--reps", type=_positive_int, default=10)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main

@@ -25,8 +25,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
-from . import ops
-from .distributed import local_shards, reduce_norms
+from . import distributed, ops
 from .strategies import BoundOverride, ClipStep, ClipStrategy, NormClip, StepNorms
 
 __all__ = ["ClipStats", "FusedClipper"]
@@ -240,6 +239,9 @@ class FusedClipper:
             inv_scale = tensor
         if inv_scale.numel() != 1:
             raise ValueError(f"inv_scale must hold one element, got {inv_scale.numel()}")
+        if inv_scale.device.type == "cpu" and not float(inv_scale) > 0:  # free to read on the CPU
+            raise ValueError(f"inv_scale must be > 0 (a negative one would flip the gradients), got "
+                             f"{float(inv_scale)}")
         if inv_scale.device != self.device or inv_scale.dtype != torch.float32:
             inv_scale = inv_scale.to(self.device, torch.float32, non_blocking=True)
         return inv_scale.reshape(())
@@ -264,29 +266,34 @@ class FusedClipper:
         ``max_norm`` overrides the strategy's bound for this call: a number, a device tensor, or a function
         of the pre-clip total norm returning one.
 
-        DTensor gradients (FSDP2) are measured on their local shards and reduced with one all-reduce, so
-        every rank gets the global norms and the same ``found_inf``.
+        DTensor gradients (FSDP2) are measured on their local shards and reduced with one all-reduce per mesh
+        dimension, so every rank gets the global norms and the same ``found_inf``.
 
         Returns :class:`ClipStats` of device tensors. No host sync on CUDA.
         """
         inv = self._inv_scale(inv_scale)
+        for optimizer in self._hooked_optimizers:  # a deferred clip whose step never came is void now
+            drop_deferred_scale(optimizer)
         if defer_to is not None:
             self._check_deferrable(defer_to)
         indices, grads = ops.present_grads(self.params)
         if self.strategy.own_passes:
             return self._clip_by_strategy(inv, indices, grads, max_norm)
-        grads, shard_group = local_shards(grads)
+        shards = distributed.sharded(grads)
+        if shards is not None:
+            grads = shards.locals
         if not grads:
             zero = torch.zeros((), device=self.device)
             return ClipStats(zero, torch.ones((), device=self.device), zero, zero.clone(), zero.new_zeros(0), [])
         clamp = self.value_clip
         per_tensor, total, found_inf = ops.norm_pass(grads, inv, self.norm_type, clamp, backend=self.backend)
-        if shard_group is not None:
-            per_tensor, total, found_inf = reduce_norms(per_tensor, found_inf, self.norm_type, shard_group)
+        if shards is not None:
+            per_tensor, total, found_inf = shards.reduce(per_tensor, found_inf, self.norm_type)
         if max_norm is None:
             bound = self.strategy.bound(StepNorms(total, per_tensor, found_inf, self.backend))
         else:
             bound = max_norm(total) if callable(max_norm) else max_norm
+            bound = _checked_override(bound)
         group_index = self._group_index(indices) if self.mode == "per_group" else None
         coef, group_coef, group_norms, post = ops.clip_finalize(
             per_tensor, total, bound, self.mode, group_index, self.num_groups, self.norm_type, self.eps,
@@ -313,7 +320,7 @@ class FusedClipper:
         """The step of a strategy that runs its own passes (``strategy.own_passes``, e.g. AGC)."""
         if max_norm is not None:
             raise ValueError(f"strategy {self.strategy.name!r} has no single bound to override: max_norm must be None")
-        if local_shards(grads)[1] is not None:
+        if distributed.sharded(grads) is not None:
             raise NotImplementedError(f"strategy {self.strategy.name!r} does not take sharded (DTensor) gradients")
         if not grads:
             zero = torch.zeros((), device=self.device)
@@ -339,7 +346,7 @@ class FusedClipper:
                              "own (AGC)")
         if optimizer not in self._hooked_optimizers:
             # The optimizer reads these attributes in every step: remove them after the step they belong to.
-            optimizer.register_step_post_hook(_drop_deferred_scale)
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: drop_deferred_scale(opt))
             self._hooked_optimizers.add(optimizer)
 
     def state_dict(self) -> dict:
@@ -351,10 +358,25 @@ class FusedClipper:
         self.norm_type = norm_type
 
 
-def _drop_deferred_scale(optimizer, args, kwargs) -> None:
+def drop_deferred_scale(optimizer) -> None:
+    """Removes what a deferred clip handed to ``optimizer`` (``grad_scale``, ``found_inf``): after the step it
+    was for, or when that step never came, so that a later plain ``step()`` does not apply a stale scale."""
     for name in ("grad_scale", "found_inf"):
         if hasattr(optimizer, name):
             delattr(optimizer, name)
+
+
+def _checked_override(bound):
+    """A per-call bound: a number must be >= 0 (a negative one would flip the gradients); a CPU tensor is
+    checked too (reading it costs nothing); a device tensor cannot be read without a host sync and is
+    taken as it is."""
+    if isinstance(bound, torch.Tensor):
+        if bound.numel() != 1:
+            raise ValueError(f"max_norm must be a number or a one-element tensor, got {tuple(bound.shape)}")
+        if bound.device.type == "cpu":
+            ops.check_bound(bound, "max_norm")
+        return bound
+    return ops.check_bound(bound, "max_norm")
 
 
 def _parse_parameters(parameters):

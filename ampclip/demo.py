@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .config import create_default_amp_config
 from .functional import get_total_norm
@@ -39,6 +40,11 @@ class _InjectingTrainer(AMPTrainer):
         return self.model_loss * self.factor
 
 
+def _progress(steps: int, label: str):
+    """A progress bar on stderr over the steps of one run (the summary goes to stdout)."""
+    return tqdm(range(steps), desc=label, unit="step", leave=True, dynamic_ncols=True)
+
+
 def _plain_run(device, precision, steps, lr):
     """The usual loop: autocast, backward, optimizer.step(); no clipping, no scaler, no skip."""
     torch.manual_seed(0)
@@ -47,7 +53,7 @@ def _plain_run(device, precision, steps, lr):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     batches = random_batches(16, 64, seed=1, device=device)
     record = {"loss": [], "grad_norm": [], "loss_scale": [], "skipped": []}
-    for step in range(steps):
+    for step in _progress(steps, "no clipping"):
         batch = next(batches)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = model(**batch).loss
@@ -69,7 +75,7 @@ def _ampclip_run(device, precision, steps, lr, max_norm):
     trainer = _InjectingTrainer(model, torch.optim.AdamW(model.parameters(), lr=lr), amp_config=config)
     batches = random_batches(16, 64, seed=1, device=device)
     record = {"loss": [], "grad_norm": [], "loss_scale": [], "skipped": [], "clipped": []}
-    for step in range(steps):
+    for step in _progress(steps, "ampclip"):
         trainer.factor = _injection(step, steps)
         trainer.training_step_async(next(batches))
         stats = trainer.last_clipping_stats  # one sync per step, for the plot
@@ -82,7 +88,7 @@ def _ampclip_run(device, precision, steps, lr, max_norm):
 
 
 def _summary(name, record, steps):
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731  (a run too short for a window)
     overflow = int(0.7 * steps)
     finite_steps = sum(math.isfinite(x) for x in record["loss"])
     return {

@@ -11,18 +11,22 @@ Deliberate differences from torch, all documented in ``docs/api.md``:
   zeroes them), and bf16 gradients get an accurate coefficient (torch rounds the norm to bf16 first).
 * The inf-norm of a list holding a zero-size tensor works (torch raises).
 * A negative or NaN ``max_norm`` (or ``clip_value``) raises ValueError before anything is touched; torch
-  silently reverses the gradients (pytorch#31367). ``norm_type`` must be a p > 0 or inf.
+  silently reverses the gradients (pytorch#31367).
+* DTensor gradients (FSDP2) are measured on their local shards with one reduction per mesh dimension for
+  the whole list, and clipped in place; the norm comes back as a replicated DTensor.
 * ``foreach`` is accepted and ignored: every path is fused. ``backend`` picks a backend (default: the
   ``AMPCLIP_BACKEND`` environment variable, else the fastest here).
 """
 
 from __future__ import annotations
 
+import types
+import warnings
 from typing import Iterable, Optional, Union
 
 import torch
 
-from . import ops
+from . import distributed, ops
 
 __all__ = [
     "clip_grad_norm_",
@@ -36,6 +40,16 @@ __all__ = [
 ]
 
 TensorOrTensors = Union[torch.Tensor, Iterable[torch.Tensor]]
+
+
+def _parameters(parameters: TensorOrTensors) -> list:
+    """The parameters as a list; an empty generator warns as torch does (it was most likely consumed)."""
+    if isinstance(parameters, torch.Tensor):
+        return [parameters]
+    params = ops.as_list(parameters, "parameters")
+    if not params and isinstance(parameters, types.GeneratorType):
+        warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
+    return params
 
 
 def get_total_norm(
@@ -55,11 +69,12 @@ def get_total_norm(
         >>> grads = [p.grad for p in model.parameters() if p.grad is not None]
         >>> total = ampclip.get_total_norm(grads)
     """
-    p = ops.check_norm_type(norm_type)
+    p = ops.check_norm_type(norm_type, kernels=False)
     grads = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
     if not grads:
         return torch.tensor(0.0)
-    total = ops.total_norm(grads, p, backend)
+    sharded = distributed.sharded(grads)
+    total = sharded.total_norm(p, backend) if sharded else ops.total_norm(grads, p, backend)
     if error_if_nonfinite:
         ops.raise_if_nonfinite(total, p)
     return total
@@ -83,6 +98,9 @@ def clip_grads_with_norm_(
     grads = ops.grads_of(parameters)
     if not grads:
         return
+    sharded = distributed.sharded(grads)
+    if sharded:
+        return sharded.scale_by(ops.clip_coef(bound, distributed.local(total_norm), backend), backend=backend)
     ops.scale_by(grads, ops.clip_coef(bound, total_norm, backend), backend=backend)
 
 
@@ -108,8 +126,16 @@ def clip_grad_norm_(
         >>> optimizer.step()
     """
     bound = ops.check_bound(max_norm, "max_norm")
-    p = ops.check_norm_type(norm_type)
-    return ops.clip_parameters(parameters, bound, p, error_if_nonfinite, backend)
+    p = ops.check_norm_type(norm_type, kernels=False)
+    params = _parameters(parameters)
+    sharded = distributed.sharded(params, of_grads=True)
+    if sharded:  # FSDP2: the local shards, one reduction per mesh dimension
+        total = sharded.total_norm(p, backend)
+        if error_if_nonfinite:
+            ops.raise_if_nonfinite(distributed.local(total), p)
+        sharded.scale_by(ops.clip_coef(bound, distributed.local(total), backend), backend=backend)
+        return total
+    return ops.clip_parameters(params, bound, p, error_if_nonfinite, backend)
 
 
 def clip_grad_value_(
@@ -124,9 +150,14 @@ def clip_grad_value_(
         >>> ampclip.clip_grad_value_(model.parameters(), clip_value=0.5)
     """
     bound = ops.check_bound(clip_value, "clip_value")
-    grads = ops.grads_of(parameters)
+    grads = ops.grads_of(_parameters(parameters))
     if not grads:
         return
+    sharded = distributed.sharded(grads)
+    if sharded:
+        return sharded.scale_by(torch.ones((), device=sharded.locals[0].device), clip_value=bound, backend=backend)
+    if any(g.is_complex() for g in grads):  # torch refuses too, with these words
+        raise NotImplementedError("clamp is not supported for complex types")
     ops.scale_by(grads, torch.ones((), device=grads[0].device), clip_value=bound, backend=backend)
 
 
@@ -143,11 +174,10 @@ def compute_gradient_norm(model_or_parameters, norm_type: float = 2.0) -> float:
     """
     if isinstance(model_or_parameters, torch.nn.Module):
         model_or_parameters = model_or_parameters.parameters()
-    p = ops.check_norm_type(norm_type)
     grads = ops.grads_of(model_or_parameters)
     if not grads:
         return 0.0
-    return float(ops.total_norm(grads, p))
+    return float(distributed.local(get_total_norm(grads, norm_type)))
 
 
 # --------------------------------------------------------------------------------------------------------

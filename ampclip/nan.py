@@ -223,7 +223,9 @@ class NaNRecoveryManager:
     def _rollback(self) -> None:
         snap = self._snapshot
         self.model.load_state_dict(snap["model"])
-        self.optimizer.load_state_dict(snap["optimizer"])
+        # load_state_dict keeps the tensors it is given as the optimizer's state, which the next steps then
+        # change in place: hand it a copy, so that the snapshot survives for the next rollback.
+        self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
         if self.scaler is not None and snap["scaler"] is not None:
             self.scaler.load_state_dict(snap["scaler"])
             if self.scaler.is_enabled():  # come back with a smaller scale than the one that overflowed

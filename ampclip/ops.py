@@ -69,6 +69,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from . import backends
+from .backends import SUPPORTED_DTYPES, check_grads
 from .backends import cpp as _cpp
 
 __all__ = [
@@ -78,6 +79,7 @@ __all__ = [
     "RULES",
     "SUPPORTED_DTYPES",
     "accumulation_dtype",
+    "as_list",
     "available_backends",
     "backend",
     "by_device",
@@ -91,6 +93,7 @@ __all__ = [
     "clip_grad_norm",
     "clip_parameters",
     "clip_stats_update",
+    "dispatched",
     "combine_groups",
     "combine_norms",
     "grads_of",
@@ -112,7 +115,6 @@ __all__ = [
 
 BACKENDS = backends.NAMES
 EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s eps, kept for identical coefficients
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MODES = {"global": 0, "per_tensor": 1, "per_group": 2}
 RULES = {"torch": 0, "max": 1}  # min(1, m / (n + eps)), and m / max(n + eps, m)
 ENV_BACKEND = "AMPCLIP_BACKEND"  # forces a backend where the caller asks for none (to debug a patched run)
@@ -176,13 +178,14 @@ def unit_count(t: torch.Tensor) -> int:
 # checks: a clear error before anything is modified
 
 
-def check_norm_type(norm_type) -> float:
-    """norm_type as a float: any p > 0, or inf."""
+def check_norm_type(norm_type, kernels: bool = True) -> float:
+    """norm_type as a float: any p > 0 or inf for the kernels; with ``kernels=False`` (the drop-ins) also
+    what torch computes: 0 (the count of non-zeros), negative p and -inf (the smallest |g|)."""
     try:
         p = float(norm_type)
     except (TypeError, ValueError):
-        raise ValueError(f"norm_type must be a number > 0 or inf, got {norm_type!r}") from None
-    if math.isnan(p) or p <= 0:
+        raise ValueError(f"norm_type must be a number, got {norm_type!r}") from None
+    if math.isnan(p) or (kernels and p <= 0):
         raise ValueError(f"norm_type must be a number > 0 or inf, got {norm_type!r}")
     return p
 
@@ -217,29 +220,11 @@ def check_clamp(value, name: str = "value_clip") -> Clamp:
     return -c, c
 
 
-def check_grads(grads: Sequence[torch.Tensor], writable: bool = False) -> None:
-    """Dense float16/bfloat16/float32/float64 tensors on one device; for a write, no element shares memory
-    with another of the same tensor (an expanded, zero-stride gradient)."""
-    device = grads[0].device
-    for i, g in enumerate(grads):
-        if g.layout != torch.strided:
-            raise TypeError(f"ampclip clips dense gradients only; gradient {i} has layout {g.layout}")
-        if g.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"ampclip clips float16, bfloat16, float32 and float64 gradients; gradient {i} is "
-                            f"{g.dtype}")
-        if g.device != device:
-            raise ValueError(f"ampclip needs the gradients of one call on one device; gradient {i} is on "
-                             f"{g.device}, gradient 0 on {device}")
-        if writable and torch._debug_has_internal_overlap(g) == 1:
-            raise ValueError(f"gradient {i} has elements that share memory (an expanded, stride-0 tensor): it "
-                             "cannot be written in place; clone it first")
-
-
 # --------------------------------------------------------------------------------------------------------
 # gathering gradients
 
 
-def _as_list(tensors, what: str) -> list:
+def as_list(tensors, what: str) -> list:
     if isinstance(tensors, torch.Tensor):
         return [tensors]
     try:
@@ -250,7 +235,7 @@ def _as_list(tensors, what: str) -> list:
 
 def grads_of(parameters) -> list[torch.Tensor]:
     """The ``.grad`` of every parameter that has one, in order (parameters: a Tensor or an iterable)."""
-    params = _as_list(parameters, "parameters")
+    params = as_list(parameters, "parameters")
     try:  # one pass: on 10,000 parameters every extra Python loop costs about a millisecond
         return [p.grad for p in params if p.grad is not None]
     except AttributeError:
@@ -672,8 +657,22 @@ def clip_coef(max_norm, total_norm: torch.Tensor, backend: Optional[str] = None)
     return clip_finalize(total.reshape(1), total, max_norm, backend=backend)[0]
 
 
+def _torch_formula(grads: list[torch.Tensor], norm_type: float) -> bool:
+    """Norms the kernels do not compute, which the drop-ins take as torch does: norm_type 0, negative or
+    -inf, and complex gradients. Rare: plain torch ops serve them."""
+    return not norm_type > 0 or any(g.is_complex() for g in grads)
+
+
+def _torch_total(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    first = grads[0].device
+    norms = [torch.linalg.vector_norm(g, norm_type).to(first) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+
+
 def total_norm(grads: list[torch.Tensor], norm_type: float, backend: Optional[str] = None) -> torch.Tensor:
     """The norm of all ``grads`` as one vector, on the first gradient's device; one norm pass per device."""
+    if _torch_formula(grads, norm_type):
+        return _torch_total(grads, norm_type)
     groups = by_device(grads)
     totals = [norm_pass(device_grads, None, norm_type, backend=backend)[1] for device_grads in groups.values()]
     if len(totals) == 1:
@@ -727,14 +726,22 @@ def clip_parameters(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
     decides its fast path. The backend serving CPU gradients may clip straight from the parameter list (the
     compiled one reads ``.grad`` in C++: 0.72 -> 0.26 ms on 2000 x 512); it answers None for anything else,
     which takes the general path: gather, check, norm pass per device, coefficient, scale pass."""
-    params = _as_list(parameters, "parameters")
-    if not error_if_nonfinite and not torch.compiler.is_compiling():
+    params = as_list(parameters, "parameters")
+    if not error_if_nonfinite and norm_type > 0 and not torch.compiler.is_compiling():
         total = _impl(resolve_backend(backend, "cpu")).clip_params(params, max_norm, norm_type)
         if total is not None:
             return total
     grads = grads_of(params)
     if not grads:
         return torch.tensor(0.0)
+    if _torch_formula(grads, norm_type):
+        total = _torch_total(grads, norm_type)
+        if error_if_nonfinite:
+            raise_if_nonfinite(total, norm_type)
+        coef = (max_norm / (total + EPS)).clamp(max=1.0)
+        for g in grads:  # as torch: one multiply per gradient, the coefficient on its device
+            g.mul_(coef.to(g.device))
+        return total
     if not error_if_nonfinite and len(by_device(grads)) == 1:
         return clip_grad_norm(grads, max_norm, norm_type, backend)
     total = total_norm(grads, norm_type, backend)
@@ -746,6 +753,35 @@ def clip_parameters(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
 
 # --------------------------------------------------------------------------------------------------------
 # what runs here
+
+
+def dispatched(fn, *args, **kwargs) -> list[str]:
+    """The names of the ops ``fn(*args, **kwargs)`` dispatches, in order, views excluded (they launch
+    nothing): on a GPU each is a kernel launch of a few microseconds of host time. An ampclip op counts once,
+    whatever its backend does inside.
+
+    Example::
+
+        >>> ampclip.ops.dispatched(clipper.clip_)
+        ['ampclip.norm_pass.default', 'ampclip.clip_finalize.default', 'ampclip.scale_pass.default', ...]
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            returns = func._schema.returns
+            if not (returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)):
+                self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder() as recorder:
+        fn(*args, **kwargs)
+    return recorder.names
+
 
 
 def backend() -> dict:
@@ -762,6 +798,8 @@ def backend() -> dict:
                         if backends.unavailable_reason(name)},
         "in_use": {"cpu": resolve_backend(None, "cpu")},
         "forced": os.environ.get(ENV_BACKEND) or None,
+        "torch_patched": getattr(torch.nn.utils.clip_grad_norm_, "__module__", "").startswith("ampclip"),
+        "extension": _cpp.describe(),
         "torch": torch.__version__,
         "triton": None,
         "cuda": torch.version.cuda,

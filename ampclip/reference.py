@@ -130,11 +130,11 @@ def scale_pass(
         u = _unscaled(g, acc, inv_scale)
         if clamp is not None:
             u = u.clamp(*clamp)
-        u = u * coefs[i].to(acc)
-        if found_inf is not None:
-            skipped = torch.zeros_like(u) if zero_if_inf else g.to(acc)
-            u = torch.where(found_inf.to(g.device) != 0, skipped, u)
-        g.copy_(u)
+        new = (u * coefs[i].to(acc)).to(g.dtype)  # one rounding to the gradient's dtype
+        if found_inf is not None:  # selected in the gradient's own dtype: a skipped gradient keeps its bits
+            kept = torch.zeros_like(g) if zero_if_inf else g
+            new = torch.where(found_inf.to(g.device) != 0, kept, new)
+        g.copy_(new)
 
 
 def coefficient(norms: torch.Tensor, max_norm, eps: float, rule: int) -> torch.Tensor:

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import enum
 import math
+import warnings
+import weakref
 from typing import Iterable, Optional, Union
 
 import torch
 
-from . import ops
-from .clipper import ClipStats, FusedClipper
-from .distributed import local_shards
+from . import distributed, ops
+from .clipper import ClipStats, FusedClipper, drop_deferred_scale
 from .ops import HISTORY_ROWS, INV_SCALE, SCALE
 
 MAX_COUNT = 2**24  # the trackers are kept in float32, exact for integers up to 2^24
@@ -94,7 +95,11 @@ class DynamicLossScaler:
             raise ValueError(f"history_size must be an int >= 1, got {history_size!r}")
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            device = torch.device("cpu")  # like torch's GradScaler, which disables itself: we keep checking
+            if enabled:  # as torch.amp.GradScaler("cuda") does
+                warnings.warn("ampclip DynamicLossScaler is enabled on device 'cuda', but CUDA is not available. "
+                              "Disabling (pass device='cpu' to scale and check on the CPU).", stacklevel=2)
+            enabled = False
+            device = torch.device("cpu")
         self._device = device
         self._enabled = enabled
         self._dynamic = dynamic
@@ -118,6 +123,8 @@ class DynamicLossScaler:
         self._scaled = False
         self._states: dict[int, _OptimizerState] = {}
         self._clippers: dict[int, tuple[tuple, FusedClipper]] = {}
+        self._deferred: "weakref.WeakSet" = weakref.WeakSet()  # optimizers holding a deferred scale
+        self._checked_clippers: "weakref.WeakSet" = weakref.WeakSet()  # clippers whose parameters are not fp16
         self._one = torch.ones((), device=device)
 
     # ------------------------------------------------------------------------------------------ scaling
@@ -162,31 +169,37 @@ class DynamicLossScaler:
     def _grads(optimizer) -> list[torch.Tensor]:
         return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
-    def _agree(self, found_inf: torch.Tensor, group=None) -> torch.Tensor:
-        """Sharded gradients hold an inf on one rank only: one MAX all-reduce of one float over the shard
-        group (FSDP2's DTensors) or the ``process_group`` given, so that every rank skips. Nothing under DDP,
-        whose gradients are already averaged across ranks."""
+    def _agree(self, found_inf: torch.Tensor) -> torch.Tensor:
+        """Gradients sharded by hand hold an inf on one rank only: one MAX all-reduce of one float over the
+        ``process_group`` given, so that every rank skips (DTensor gradients agree in their own reduction).
+        Nothing without a group, as under DDP, whose gradients are already averaged across ranks."""
         import torch.distributed as dist
 
-        group = group if group is not None else self._process_group
+        group = self._process_group
         if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
             return found_inf
         found_inf = found_inf.clone()
         dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=group)
         return found_inf
 
-    def _check_grads(self, optimizer, unscale_in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One read of the optimizer's gradients: (norm, found_inf) of the unscaled values; with
-        ``unscale_in_place`` also one write of ``g * inv_scale``."""
-        grads, shard_group = local_shards(self._grads(optimizer))
+    def _check_grads(self, optimizer, unscale_in_place: bool):
+        """One read of the optimizer's gradients: (norm, found_inf) of the unscaled values, or (None, None)
+        when there is no gradient; with ``unscale_in_place`` also one write of ``g * inv_scale``."""
+        grads = self._grads(optimizer)
+        if self._dynamic and any(g.dtype == torch.float16 for g in grads):
+            raise ValueError("Attempting to unscale FP16 gradients.")  # torch's words: keep fp32 master weights
+        shards = distributed.sharded(grads)
+        if shards is not None:
+            grads = shards.locals
         if not grads:
-            zero = torch.zeros((), device=self._device)
-            return zero, zero.clone()
+            return None, None
         inv = self.inv_scale
-        _, norm, found_inf = ops.norm_pass(grads, inv, 2.0, backend=self._backend)
+        per_tensor, norm, found_inf = ops.norm_pass(grads, inv, 2.0, backend=self._backend)
         if unscale_in_place and inv is not None:
             ops.scale_pass(grads, self._one, inv, backend=self._backend)
-        return norm, self._agree(found_inf, shard_group)
+        if shards is not None:  # every rank skips together: one all-reduce per mesh dimension
+            _, norm, found_inf = shards.reduce(per_tensor, found_inf, 2.0)
+        return norm, self._agree(found_inf)
 
     def unscale_(self, optimizer) -> None:
         """Divide the optimizer's gradients by the scale in place and record inf/NaN (no host sync)."""
@@ -218,6 +231,10 @@ class DynamicLossScaler:
             if max_norm is None:
                 raise ValueError("unscale_and_clip_ needs max_norm (or a clipper)")
             clipper = self._clipper_for(optimizer, max_norm, norm_type, mode, value_clip)
+        if self._dynamic and clipper not in self._checked_clippers:  # once per clipper: a loop over parameters
+            if any(p.dtype == torch.float16 for p in clipper.params):
+                raise ValueError("Attempting to unscale FP16 gradients.")  # torch's words: keep fp32 master weights
+            self._checked_clippers.add(clipper)
         deferrable = clipper.can_defer_to(optimizer)
         if defer is True and not deferrable:
             raise ValueError("defer=True needs a fused torch optimizer, mode='global' and no value_clip")
@@ -226,12 +243,17 @@ class DynamicLossScaler:
         stats.found_inf = self._agree(stats.found_inf)
         if use_defer:
             optimizer.found_inf = stats.found_inf
-        state.found_inf, state.grad_norm = stats.found_inf, stats.total_norm
+            self._deferred.add(optimizer)
+        if len(stats.per_tensor_norms):  # no gradient: nothing recorded, and step() raises as torch's does
+            state.found_inf, state.grad_norm = stats.found_inf, stats.total_norm
         state.stage = _Stage.DEFERRED if use_defer else _Stage.UNSCALED
         return stats
 
     def _clipper_for(self, optimizer, max_norm, norm_type, mode, value_clip) -> FusedClipper:
-        key = (tuple(id(p) for g in optimizer.param_groups for p in g["params"]), norm_type, mode, value_clip)
+        # The clipper is rebuilt when the optimizer's parameter lists change (add_param_group, a new list);
+        # the key costs one tuple per group, not one per parameter.
+        key = (tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups), norm_type, mode,
+               value_clip)
         cached = self._clippers.get(id(optimizer))
         if cached is None or cached[0] != key:
             clipper = FusedClipper(optimizer.param_groups, max_norm, norm_type, mode=mode, value_clip=value_clip,
@@ -256,25 +278,25 @@ class DynamicLossScaler:
         else:
             if state.stage is _Stage.READY:
                 self.unscale_(optimizer)
+            _check_recorded(state)
             result = optimizer.step(*args, **kwargs) if state.found_inf.item() == 0 else None  # the one sync
         state.stage = _Stage.STEPPED
         return result
 
     def _fused_step(self, optimizer, state, args, kwargs):
-        if state.stage is _Stage.DEFERRED:  # the clipper set grad_scale and found_inf, and drops them
-            return optimizer.step(*args, **kwargs)
         if state.stage is _Stage.READY:
             # One read for found_inf; the gradients stay scaled and the optimizer divides by grad_scale.
             state.grad_norm, state.found_inf = self._check_grads(optimizer, unscale_in_place=False)
             if self._dynamic:
                 optimizer.grad_scale = self._scale
+        _check_recorded(state)
+        if state.stage is _Stage.DEFERRED:  # the clipper set grad_scale and found_inf, and drops them
+            return optimizer.step(*args, **kwargs)
         optimizer.found_inf = state.found_inf
         try:
             return optimizer.step(*args, **kwargs)
         finally:
-            for name in ("grad_scale", "found_inf"):
-                if hasattr(optimizer, name):
-                    delattr(optimizer, name)
+            drop_deferred_scale(optimizer)
 
     def update(self, new_scale: Optional[Union[float, torch.Tensor]] = None) -> None:
         """Back off on overflow, grow after ``growth_interval`` clean steps; one device op, no host sync."""
@@ -297,6 +319,9 @@ class DynamicLossScaler:
         else:
             found = torch.stack([s.found_inf.to(self._device, torch.float32) for s in recorded]).amax()
         norms = [s.grad_norm for s in recorded if s.grad_norm is not None]
+        for optimizer in self._deferred:  # a deferred clip whose step never came must not outlive its update
+            drop_deferred_scale(optimizer)
+        self._deferred.clear()
         ops.scaler_update(self._scale_state, self._history, found, norms[0] if norms else None,
                           self._steps % self._history_size, self._growth_factor, self._backoff_factor,
                           self._growth_interval, self._hysteresis, self._min_scale, self._max_scale, self._dynamic,
@@ -408,6 +433,11 @@ class DynamicLossScaler:
         self._scale_state.copy_(state)
         if history is not None:
             self._history.copy_(torch.stack([torch.as_tensor(history[name]) for name in HISTORY_ROWS]))
+
+
+def _check_recorded(state: _OptimizerState) -> None:
+    if state.found_inf is None:
+        raise AssertionError("No inf checks were recorded for this optimizer.")  # torch's words: no gradient
 
 
 def _check_positive(value, name: str) -> None:

@@ -30,6 +30,19 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def _skip_group(model: torch.nn.Module, param: torch.Tensor):
+    """The process group whose ranks must agree on every skip, or None when they already do: a run on
+    several ranks with a model neither DDP (which averages the gradients, so every rank sees the same inf)
+    nor FSDP2 (whose DTensor gradients agree in their own reduction) needs one all-reduce of found_inf."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(param, "device_mesh"):
+        return None
+    return dist.group.WORLD
+
+
 def _default_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     try:  # fused AdamW lets the clip be deferred into the optimizer's own read of the gradients
@@ -77,7 +90,7 @@ class AMPTrainer:
             self.device, init_scale=config.init_scale, growth_factor=config.growth_factor,
             backoff_factor=config.backoff_factor, growth_interval=config.growth_interval,
             hysteresis=config.hysteresis, min_scale=config.min_scale, max_scale=config.max_scale,
-            precision=config.precision, backend=backend)
+            precision=config.precision, backend=backend, process_group=_skip_group(model, param))
         named = [(n, p) for n, p in _unwrap(model).named_parameters() if p.requires_grad]
         self.clipping_enabled = config.gradient_clip_strategy is not None
         # With clipping off the clipper still measures (one read, coefficient 1, nothing written).

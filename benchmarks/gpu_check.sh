@@ -43,13 +43,16 @@ if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
         --junitxml "$OUT/test-gpu.xml"
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
-    # The workloads of the GPU targets: GPT-2-1.5B fp32, LLaMA-7B bf16, 2000 x 512 and 10000 x 4.
-    step bench-fp32 timeout "$BENCH_TIMEOUT" "$PY" -m ampclip bench --workloads gpt2-1.5b 2000x512 10000x4 \
-        --dtypes fp32 --out "$OUT/bench-fp32"
-    step bench-llama-bf16 timeout "$BENCH_TIMEOUT" "$PY" -m ampclip bench --workloads llama-7b --dtypes bf16 \
-        --out "$OUT/bench-llama-bf16"
+    # The workloads of the GPU targets: GPT-2-1.5B fp32, LLaMA-7B bf16, 2000 x 512 and 10000 x 4, and the
+    # host time per step with 2000 cached parameters (benchmarks/test_step.py).
+    step bench-fp32 timeout "$BENCH_TIMEOUT" "$PY" -m pytest benchmarks -p no:cacheprovider -q \
+        --workloads gpt2-1.5b 2000x512 10000x4 --dtypes fp32 --benchmark-json "$OUT/bench-fp32.json"
+    step bench-llama-bf16 timeout "$BENCH_TIMEOUT" "$PY" -m pytest benchmarks/test_clip.py -p no:cacheprovider -q \
+        --workloads llama-7b --dtypes bf16 --benchmark-json "$OUT/bench-llama-bf16.json"
+    step bench-report "$PY" -m benchmarks.report "$OUT"/bench-*.json --out "$OUT"
 fi
 if [ "$WHAT" = full ]; then
-    step bench-full timeout "$BENCH_TIMEOUT" "$PY" -m ampclip bench --out "$OUT/bench-full"
+    step bench-full timeout "$BENCH_TIMEOUT" "$PY" -m pytest benchmarks -p no:cacheprovider -q \
+        --benchmark-json "$OUT/bench-full.json"
 fi
 exit "$failed"

@@ -1,8 +1,11 @@
 # The Triton interpreter must be switched on before any @triton.jit function is decorated, so that CI (no
 # GPU) runs every Triton kernel on CPU tensors.
 import os
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The benchmark harness (benchmarks/, not installed) is tested from the source tree.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest
 import torch

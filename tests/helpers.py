@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import traceback
 
 import pytest
 import torch
@@ -107,5 +110,24 @@ def run_two_processes(target, *args, timeout=300) -> dict:
         p.join(timeout=timeout)
         if p.is_alive():
             p.kill()
+    errors = {k: v for k, v in results.items() if isinstance(k, str)}
+    assert not errors, "\n".join(errors.values())
     assert sorted(results.keys()) == [0, 1], f"a worker failed (exit codes {[p.exitcode for p in procs]})"
     return dict(results)
+
+
+@contextlib.contextmanager
+def gloo_worker(rank, world_size, port, results):
+    """The life of a spawned worker: a gloo group on 127.0.0.1 for the body, its traceback (if any) handed
+    to the parent in ``results``, and an exit that skips interpreter teardown (which aborts now and then)."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        yield
+    except BaseException:
+        results[f"rank {rank}"] = traceback.format_exc()
+    finally:
+        dist.destroy_process_group()
+        os._exit(0)

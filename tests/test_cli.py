@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from ampclip.cli import main
+
 ENV = dict(os.environ, TRITON_INTERPRET="0")
 
 
@@ -30,6 +32,8 @@ def test_demo_recovers_from_spike_and_overflow(tmp_path):
     out = run("ampclip", "demo", "--steps", "60", "--out", str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "ampclip run stayed finite: yes" in out.stdout
+    # a progress bar for each run, on stderr
+    assert "no clipping: 100%" in out.stderr and "ampclip: 100%" in out.stderr and "60/60" in out.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     plain, fused = summary["rows"]
     assert plain["steps with a non-finite loss"] > 0 and fused["steps with a non-finite loss"] == 0
@@ -54,3 +58,36 @@ def test_torchrun_two_processes(flag):
                           "--log-every", "2", *flag], capture_output=True, text=True, env=ENV, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("grad norm") == 2  # rank 0 prints
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        pytest.param(["demo", "--steps", "0"], "--steps", id="demo-steps-0"),
+        pytest.param(["demo", "--steps", "-3"], "--steps", id="demo-steps-negative"),
+        pytest.param(["demo", "--steps", "many"], "--steps", id="demo-steps-not-a-number"),
+        pytest.param(["compare", "--reps", "0", "--scale", "64"], "--reps", id="compare-reps-0"),
+        pytest.param(["compare", "--max-norm", "-1", "--scale", "64", "--reps", "1"], "--max-norm",
+                     id="compare-max-norm-negative"),
+        pytest.param(["compare", "--max-norm", "nan", "--scale", "64", "--reps", "1"], "--max-norm",
+                     id="compare-max-norm-nan"),
+        pytest.param(["compare", "--scale", "0", "--reps", "1"], "--scale", id="compare-scale-0"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv, option, capsys):
+    """As argparse does for any bad argument: usage, one error line naming the option, status 2, nothing run."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("usage: ampclip ")
+    assert lines[-1].startswith(f"ampclip {argv[0]}: error: argument {option}: ")
+
+
+def test_demo_runs_shorter_than_its_windows(tmp_path):
+    """One step: the averages over 10 steps before the spike have no data (nan), not a ZeroDivisionError."""
+    out = run("ampclip", "demo", "--steps", "1", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ampclip run stayed finite: yes" in out.stdout

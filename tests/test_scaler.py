@@ -171,16 +171,19 @@ def test_loads_a_torch_gradscaler_state_dict():
 
 
 def test_fp16_overflow_storm_backs_off_and_training_resumes():
+    # fp32 master weights, fp16 activations under autocast: the set-up GradScaler is for
     torch.manual_seed(0)
-    model = torch.nn.Linear(16, 16).half()
+    model = torch.nn.Linear(16, 16)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     scaler = DynamicLossScaler("cpu", init_scale=2.0**24, growth_interval=1000)
     skipped = []
     for step in range(40):
         opt.zero_grad()
-        x = torch.randn(8, 16).half() * (100.0 if step < 5 else 1.0)  # a storm of huge activations
+        x = torch.randn(8, 16) * (100.0 if step < 5 else 1.0)  # a storm of huge activations
         before = model.weight.detach().clone()
-        scaler.scale(model(x).float().pow(2).mean()).backward()
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(x)
+        scaler.scale(out.float().pow(2).mean()).backward()
         scaler.step(opt)
         scaler.update()
         skipped.append(torch.equal(before, model.weight.detach()))

@@ -13,10 +13,31 @@ from typing import Optional
 
 import torch
 
-__all__ = ["NAMES", "Backend", "Unavailable", "available", "load", "unavailable_reason"]
+__all__ = ["NAMES", "SUPPORTED_DTYPES", "Backend", "Unavailable", "available", "check_grads", "load",
+           "unavailable_reason"]
 
 # Every backend ampclip knows, in the order `ampclip env` lists them.
 NAMES = ("reference", "cpp", "triton")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_grads(grads, writable: bool = False) -> None:
+    """Dense float16/bfloat16/float32/float64 tensors on one device; for a write, no element shares memory
+    with another of the same tensor (an expanded, zero-stride gradient). A clear error before anything runs:
+    ops checks what a backend does not (``validates_inputs``), a table when it is built."""
+    device = grads[0].device
+    for i, g in enumerate(grads):
+        if g.layout != torch.strided:
+            raise TypeError(f"ampclip clips dense gradients only; gradient {i} has layout {g.layout}")
+        if g.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"ampclip clips float16, bfloat16, float32 and float64 gradients; gradient {i} is "
+                            f"{g.dtype}")
+        if g.device != device:
+            raise ValueError(f"ampclip needs the gradients of one call on one device; gradient {i} is on "
+                             f"{g.device}, gradient 0 on {device}")
+        if writable and torch._debug_has_internal_overlap(g) == 1:
+            raise ValueError(f"gradient {i} has elements that share memory (an expanded, stride-0 tensor): it "
+                             "cannot be written in place; clone it first")
 
 
 class Unavailable(RuntimeError):

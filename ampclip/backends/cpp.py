@@ -13,21 +13,15 @@ from __future__ import annotations
 
 import warnings
 
+from .. import _extension_loader
 from . import Backend, Unavailable
 
-try:
-    from .. import _C  # the compiled kernels
-except Exception as exc:  # ImportError, or an undefined symbol from a build against another torch
-    _C = None
-    ERROR = f"{type(exc).__name__}: {exc}"
-    warnings.warn(
-        f"ampclip: the compiled extension ampclip._C could not be loaded ({ERROR}); CPU gradients use the "
-        "pure-PyTorch reference backend. Build it with `pip install -e . --no-build-isolation`.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
-else:
-    ERROR = None
+# The compiled kernels, checked against the running torch (and rebuilt against it when they were compiled
+# for another one); never imported directly, which would load a mismatched binary before the check.
+_C, ERROR = _extension_loader.load("ampclip._C")
+if _C is None:
+    warnings.warn(f"ampclip: {ERROR}. CPU gradients use the pure-PyTorch reference backend.", RuntimeWarning,
+                  stacklevel=2)
 
 
 def _or_dispatcher(result):
@@ -85,6 +79,11 @@ def load() -> Backend:
     if _C is None:
         raise Unavailable(f"the compiled extension ampclip._C is not loaded ({ERROR})")
     return CppBackend()
+
+
+def describe() -> str:
+    """Where the compiled extension came from, or why it is not loaded (for ``python -m ampclip env``)."""
+    return f"loaded from {_extension_loader.loaded_from('ampclip._C')}" if _C is not None else f"not loaded: {ERROR}"
 
 
 def present_grads(params):

@@ -55,6 +55,7 @@ from typing import Optional
 
 import torch
 
+from . import check_grads
 from .cpp import tensor_signature
 
 CHUNK = 32768  # elements per program: 64 KiB of fp16, 32 iterations of a 1024-wide block, enough to hide
@@ -76,16 +77,8 @@ class TensorTable:
                  "__weakref__")
 
     def __init__(self, key, signature, grads: list[torch.Tensor], chunk: int, watch_lifetimes: bool):
+        check_grads(grads)  # bad input is an error before any kernel runs
         device = grads[0].device
-        for i, g in enumerate(grads):  # bad input is an error before any kernel runs
-            if g.layout != torch.strided:
-                raise TypeError(f"ampclip clips dense gradients only; gradient {i} has layout {g.layout}")
-            if g.dtype not in DTYPE_CODES:
-                raise TypeError(f"ampclip clips float16, bfloat16, float32 and float64 gradients; gradient {i} "
-                                f"is {g.dtype}")
-            if g.device != device:
-                raise ValueError(f"ampclip needs the gradients of one call on one device; gradient {i} is on "
-                                 f"{g.device}, gradient 0 on {device}")
         # What a write must know (a table serves reads and writes alike): the first gradient whose elements
         # share memory (expanded, stride 0: it cannot be written in place), and whether two gradients share
         # memory (then they are scaled one after the other, as torch does, never by racing programs).

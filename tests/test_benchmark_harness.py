@@ -1,0 +1,84 @@
+"""The benchmark harness (benchmarks/) runs end to end at tiny sizes, writes what it promises and refuses to
+time a wrong provider. Timings are never asserted: they belong in the results, not in a pass condition."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import providers, report, workloads
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "run.json"
+    wanted = ["ampclip_dropin", "ampclip_dropin_noclip", "torch_chain"]
+    if providers.ops.available_backends()["cpp"]:
+        wanted.append("clipper_cpp")
+    args = [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", "--quick",
+            "--benchmark-json", str(out), "--workloads", "2000x512", "--dtypes", "fp32", "bf16", "--providers",
+            *wanted]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, json.loads(out.read_text())
+
+
+def test_a_quick_run_records_every_case_with_its_baselines(quick_run):
+    _, data = quick_run
+    info = data["ampclip"]["info"]
+    assert {"device", "torch", "triton", "cuda", "date", "threads", "backends"} <= set(info)
+    cases = {(b["extra_info"].get("workload"), b["extra_info"].get("dtype"), b["extra_info"].get("provider"))
+             for b in data["benchmarks"] if "provider" in b["extra_info"]}
+    # the baselines, floors and the copy come along with the providers asked for
+    for dtype in ("fp32", "bf16"):
+        for name in ("ampclip_dropin", "torch_clip", "floor_clip", "floor_read", "copy", "torch_clip_noclip"):
+            assert ("2000x512", dtype, name) in cases
+    for b in data["benchmarks"]:
+        assert b["stats"]["median"] > 0 and b["stats"]["rounds"] >= 3
+        if b["extra_info"].get("check"):
+            assert b["extra_info"]["check"]["rel_err"] < 1e-2
+    steps = {b["extra_info"]["step"]: b["extra_info"]["device_ops"] for b in data["benchmarks"]
+             if "step" in b["extra_info"]}
+    assert steps["GradientClipper.clip_"] <= 8 and steps["unscale_and_clip_+update"] <= 10
+    assert steps["torch: unscale_+clip_grad_norm_+step+update"] > 100  # grows with the 2000 tensors
+
+
+def test_the_report_writes_csv_png_and_markdown(quick_run, tmp_path):
+    path, data = quick_run
+    runs = report.load([path, path])  # two runs: medians over runs
+    text = report.markdown(runs, ["a.json", "b.json"])
+    assert "| fp32 | ampclip_dropin |" in text and "device ops" in text
+    written = report.write(runs, tmp_path, "quick")
+    with (tmp_path / "quick.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    dropin = next(r for r in rows if r["provider"] == "ampclip_dropin" and r["dtype"] == "fp32")
+    assert float(dropin["speedup"]) > 0 and float(dropin["frac_of_floor"]) > 0 and float(dropin["gbps_floor"]) > 0
+    assert (tmp_path / "quick-steps.csv").exists()
+    if any(p.suffix == ".png" for p in written):
+        assert (tmp_path / "quick.png").stat().st_size > 5000
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Benchmarks\n\nhand-written text\n")
+    report.update_docs(doc, text)
+    report.update_docs(doc, text)  # replaced, not appended twice
+    assert doc.read_text().count(report.DOCS_BEGIN) == 1 and "hand-written text" in doc.read_text()
+
+
+def test_a_provider_that_skips_its_write_is_refused():
+    gs = workloads.GradSets([(300,), (7, 5)], torch.float32, torch.device("cpu"), sets=2)
+    lazy = providers.Provider(lambda gs: lambda: torch.tensor(workloads.norm64(gs.next()[1])), "clip", 3, "lazy")
+    gs.mode = "clip"
+    with pytest.raises(providers.CheckError, match="post-clip norm"):
+        providers.check("lazy", lazy, lazy.setup(gs), gs, torch.float32)
+    wrong = providers.Provider(lambda gs: lambda: (gs.next(), torch.tensor(1.0))[1], "noclip", 1, "wrong")
+    gs.mode = "noclip"
+    with pytest.raises(providers.CheckError, match="returned norm"):
+        providers.check("wrong", wrong, wrong.setup(gs), gs, torch.float32)
+    assert not math.isnan(gs.norms[0])
