@@ -16,7 +16,7 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton>=3.6
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup demo test test-gpu bench env clean
+.PHONY: setup demo test test-gpu cuda-check bench env clean
 
 setup: $(VENV)/.built
 
@@ -43,6 +43,13 @@ test: setup
 # The GPU suite runs the Triton kernels compiled: tests/conftest.py turns the interpreter on unless told.
 test-gpu: setup
 	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu
+
+# Compile proof of the CUDA C++ kernels without a GPU: nvcc builds csrc/cuda/*.cu for sm_80 and sm_90 against
+# torch's headers, prints registers / shared memory / spills per kernel and fails on any warning or spill
+# (scripts/cuda_check.py). Needs nvcc and a python with torch, not the built package.
+cuda-check:
+	@$(PY) -c "import torch" 2>/dev/null || { echo "cuda-check needs a python with torch: run make setup, or pass PYTHON=/path/to/venv/bin/python"; exit 1; }
+	$(PY) scripts/cuda_check.py
 
 bench: setup
 	$(PY) -m ampclip bench
