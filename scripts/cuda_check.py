@@ -9,9 +9,10 @@
 3. It fails (exit 1) on a compile error, on any warning not in ALLOWED_WARNINGS, on any spill, when a norm or
    scale kernel has no 128-bit global load (``ld.global[.nc|.cg].v4``), or when a source breaks a rule
    the kernels keep (no host synchronisation, no atomics, no ATen/cuda/CUDAContext.h).
-4. The host-side argument checks (csrc/cuda/fused_clip_cuda_checks.h) are built with the host compiler
-   against torch's CPU library and run (scripts/cuda_host_checks.cpp): the checks take the expected device
-   type as a parameter, so CPU tensors stand in for CUDA ones. Kernel results need a GPU and are not faked.
+4. scripts/cuda_host_checks.cpp is built with the host compiler against torch's CPU library and run: the
+   argument checks (csrc/cuda/fused_clip_cuda_checks.h, which take the expected device type as a parameter,
+   so CPU tensors stand in for CUDA ones) and the kernels' arithmetic (csrc/cuda/fused_clip_cuda_math.cuh,
+   the same __host__ __device__ source) against torch's CPU ops. Kernels need a GPU and are not run.
 
 A CPU build of torch ships the CUDA headers but not the generated ``c10/cuda/impl/cuda_cmake_macros.h``;
 a one-line stub of it is written into the temporary folder, first on the include path (never into the

@@ -35,9 +35,13 @@
 
 #include "fused_clip_cuda.h"
 #include "fused_clip_cuda_checks.h"
+#include "fused_clip_cuda_math.cuh"
 
 namespace ampclip::cuda {
 namespace {
+
+// The arithmetic shared with the host-compiled tests: chunk split, accumulators, scale, coefficient.
+using namespace math;
 
 // ---------------------------------------------------------------------------------------------------------
 // Constants
@@ -49,7 +53,6 @@ constexpr int kWarp = 32;
 // bandwidth x latency asks for on an H100 (3.35 TB/s x ~1 us / 132 SMs).
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;
-constexpr int kVecBytes = 16;  // one ld.global.v4 / st.global.v4: 8 halves, 4 floats or 2 doubles
 // Per-tensor finalize: one warp per tensor, 8 tensors per block. Most tensors own 1 chunk, the largest of
 // GPT-2-1.5B (the 80M-element embedding) ~2,500: 77 slots per lane.
 constexpr int kFinalizeThreads = 256;
@@ -58,16 +61,6 @@ constexpr int kTensorsPerBlock = kFinalizeThreads / kWarp;
 constexpr int kOneBlockThreads = 512;
 // clip_finalize's per-group scan stages this many (norm, group) pairs in shared memory at a time: 12 KiB.
 constexpr int kGroupTile = 1024;
-
-// Dtype codes of the table (triton_kernels/tensor_table.py: DTYPE_CODES).
-constexpr int64_t kCodeHalf = 0;
-constexpr int64_t kCodeBFloat16 = 1;
-constexpr int64_t kCodeFloat = 2;
-constexpr int64_t kCodeDouble = 3;
-
-// Chunk and tensor flags, kept as doubles next to the partials: the max over a range is the range's flag.
-constexpr double kFlagInf = 1.0;  // some unscaled value is inf or NaN (found_inf)
-constexpr double kFlagNan = 2.0;  // some value is NaN (tracked by the inf-norm, whose max drops NaN)
 
 // ---------------------------------------------------------------------------------------------------------
 // Device helpers
@@ -108,39 +101,6 @@ __device__ __forceinline__ scalar_t* chunk_data(const Chunk& ch) {
   return reinterpret_cast<scalar_t*>(ch.data) + ch.start;
 }
 
-// How a chunk splits for 16-byte accesses: `head` scalar elements up to the first 16-byte boundary (a chunk
-// need not start aligned: a view with a storage offset, an odd chunk size), `nvec` 16-byte vectors, then a
-// scalar tail from `tail`. Assumes element alignment, which every torch tensor has.
-struct Split {
-  int64_t head;
-  int64_t nvec;
-  int64_t tail;
-};
-
-template <typename scalar_t>
-__device__ __forceinline__ Split split_chunk(const scalar_t* x, int64_t n) {
-  constexpr int64_t kPerVec = kVecBytes / sizeof(scalar_t);
-  const auto misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x) & (kVecBytes - 1));
-  const int64_t head = min(n, ((kVecBytes - misalign) & (kVecBytes - 1)) / static_cast<int64_t>(sizeof(scalar_t)));
-  const int64_t nvec = (n - head) / kPerVec;
-  return {head, nvec, head + nvec * kPerVec};
-}
-
-// Largest finite value of the compute type: |u| <= max is false exactly for inf and NaN.
-template <typename acc_t>
-__device__ __forceinline__ acc_t max_finite() {
-  return std::is_same_v<acc_t, double> ? DBL_MAX : FLT_MAX;
-}
-
-// |v|^p for a general p, as 2^(p log2 a) in double: 0 -> 0, inf -> inf, NaN -> NaN with no special case.
-// Not pow(): CUDA's double pow is an out-of-line call whose register saves show up as spills (16 bytes on
-// sm_80) inside the chunk loop. Rounding p log2 a costs about |p log2 a| x 1.1e-16 relative: at most ~1e-13
-// for float inputs (|log2 a| <= 149) and p <= 6, far below a float32 norm's precision.
-__device__ __forceinline__ double pow_p(double a, double p) { return exp2(p * log2(a)); }
-
-__device__ __forceinline__ float abs_of(float x) { return fabsf(x); }
-__device__ __forceinline__ double abs_of(double x) { return fabs(x); }
-
 // Element loads and stores on the raw bits. Read-only (the norm pass never writes its input): the
 // non-coherent path, ld.global.nc. Read-write (the scale pass): cached in L2 only (ld/st.global.cg), as each
 // element is touched once.
@@ -169,13 +129,7 @@ __device__ __forceinline__ void store(c10::BFloat16* p, c10::BFloat16 v) {
   __stcg(reinterpret_cast<unsigned short*>(p), v.x);
 }
 
-// The elements of one 16-byte vector, in registers.
-template <typename scalar_t>
-struct Pack {
-  static constexpr int kSize = kVecBytes / sizeof(scalar_t);
-  scalar_t v[kSize];
-};
-
+// The 16 loaded bytes as elements and back: register moves only (no local memory: stack frame 0 in ptxas).
 template <typename scalar_t>
 __device__ __forceinline__ Pack<scalar_t> unpack(const uint4& raw) {
   Pack<scalar_t> pack;
@@ -188,17 +142,6 @@ __device__ __forceinline__ uint4 repack(const Pack<scalar_t>& pack) {
   uint4 raw;
   memcpy(&raw, &pack, kVecBytes);
   return raw;
-}
-
-// An element in the compute type: float for float16/bfloat16/float32 (exact), double for float64 or in an
-// fp64 pass. Half and BFloat16 convert through float (exact), with c10's device conversions.
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t widen(scalar_t x) {
-  if constexpr (std::is_same_v<scalar_t, double> || std::is_same_v<scalar_t, float>) {
-    return static_cast<acc_t>(x);
-  } else {
-    return static_cast<acc_t>(static_cast<float>(x));
-  }
 }
 
 // Fixed-order reductions. A butterfly gives every lane the same value (a + b == b + a exactly), the cross-warp
@@ -236,51 +179,6 @@ __device__ double block_reduce(double x, Op op, double identity, double* scratch
 // Norm pass: one block per chunk
 // ---------------------------------------------------------------------------------------------------------
 
-// One thread's running partial of a chunk. Sums are kept in double: the square of any float32 is exact in
-// double (24-bit mantissas give a 48-bit product) and cannot overflow (FLT_MAX^2 = 1.2e77), so e.g. 1000
-// float32 values of 1e20 give their L2 norm 3.16e21 instead of inf; only the additions round. The inf-norm
-// keeps its max in the compute type (a max is exact) and NaN in a flag, as fmax drops NaN.
-template <typename acc_t, NormKind kKind>
-struct NormAccumulator {
-  acc_t inv;     // inv_scale in the compute type (1 without unscale: x * 1 == x exactly)
-  acc_t lo;      // value clamp bounds (-inf / +inf without a clamp: no effect)
-  acc_t hi;
-  double p;      // kP only
-  double sum = 0.0;
-  acc_t max = 0;
-  bool nonfinite = false;
-  bool nan = false;
-
-  __device__ __forceinline__ void add(acc_t x) {
-    const acc_t u = x * inv;
-    nonfinite |= !(abs_of(u) <= max_finite<acc_t>());  // exact, per element: an overflowing square never sets it
-    acc_t v = u < lo ? lo : u;  // compare and select keeps a NaN (fmin / fmax would drop it)
-    v = v > hi ? hi : v;
-    if constexpr (kKind == NormKind::kInf) {
-      max = fmax(max, abs_of(v));
-      nan |= v != v;
-    } else if constexpr (kKind == NormKind::kL2) {
-      const double d = static_cast<double>(v);
-      sum = fma(d, d, sum);
-    } else if constexpr (kKind == NormKind::kL1) {
-      sum += fabs(static_cast<double>(v));
-    } else {
-      sum += pow_p(fabs(static_cast<double>(v)), p);
-    }
-  }
-
-  template <typename scalar_t>
-  __device__ __forceinline__ void add_vec(const uint4& raw) {
-    const auto pack = unpack<scalar_t>(raw);
-#pragma unroll
-    for (int i = 0; i < Pack<scalar_t>::kSize; ++i) add(widen<acc_t>(pack.v[i]));
-  }
-
-  __device__ __forceinline__ double partial() const {
-    return kKind == NormKind::kInf ? static_cast<double>(max) : sum;
-  }
-};
-
 // This thread's share of a chunk: the head and tail one element per thread, the body in 16-byte vectors,
 // kUnroll of them loaded before any is used. A general p spends ~100 instructions an element on exp2/log2
 // in double, so it is compute-bound: it loads one vector at a time and keeps its code 4x smaller.
@@ -298,9 +196,9 @@ __device__ __forceinline__ void norm_chunk(const Chunk& ch, NormAccumulator<acc_
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) raw[u] = __ldg(vec + i + u * kThreads);
 #pragma unroll
-    for (int u = 0; u < kLoads; ++u) acc.template add_vec<scalar_t>(raw[u]);
+    for (int u = 0; u < kLoads; ++u) acc.add_pack(unpack<scalar_t>(raw[u]));
   }
-  for (; i < split.nvec; i += kThreads) acc.template add_vec<scalar_t>(__ldg(vec + i));
+  for (; i < split.nvec; i += kThreads) acc.add_pack(unpack<scalar_t>(__ldg(vec + i)));
   if (split.tail + tid < ch.n) acc.add(widen<acc_t>(load_ro(x + split.tail + tid)));
 }
 
@@ -345,20 +243,6 @@ __global__ void __launch_bounds__(kThreads) norm_chunks_kernel(Table table, cons
   if (threadIdx.x == 0) {
     partial[c] = value;
     flag[c] = any_nan ? kFlagNan : any_nonfinite ? kFlagInf : 0.0;
-  }
-}
-
-__device__ __forceinline__ double combine(NormKind kind, double a, double b) {
-  return kind == NormKind::kInf ? fmax(a, b) : a + b;
-}
-
-// The norm from its accumulator: sqrt, identity, max (NaN restored from the flag) or acc^(1/p).
-__device__ __forceinline__ double root(NormKind kind, double acc, double flag, double inv_p) {
-  switch (kind) {
-    case NormKind::kL2: return sqrt(acc);
-    case NormKind::kL1: return acc;
-    case NormKind::kInf: return flag >= kFlagNan ? static_cast<double>(NAN) : acc;
-    default: return pow(acc, inv_p);
   }
 }
 
@@ -413,23 +297,6 @@ __global__ void __launch_bounds__(kOneBlockThreads)
 // ---------------------------------------------------------------------------------------------------------
 // Scale pass: one block per chunk, in place
 // ---------------------------------------------------------------------------------------------------------
-
-// g <- clamp(g * inv, lo, hi) * coef in the compute type, rounded once on the store (c10's conversions:
-// round to nearest even). Compare and select keeps a NaN through the clamp, as torch.clamp does.
-template <typename scalar_t, typename acc_t>
-struct ScaleOp {
-  acc_t inv;
-  acc_t lo;
-  acc_t hi;
-  acc_t coef;
-
-  __device__ __forceinline__ scalar_t operator()(scalar_t x) const {
-    acc_t u = widen<acc_t>(x) * inv;
-    u = u < lo ? lo : u;
-    u = u > hi ? hi : u;
-    return static_cast<scalar_t>(u * coef);
-  }
-};
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void scale_chunk(const Chunk& ch, const ScaleOp<scalar_t, acc_t>& op) {
@@ -521,49 +388,6 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------------------
 // Clip finalize: one block
 // ---------------------------------------------------------------------------------------------------------
-
-// The clip coefficient in the norms' dtype T, rounded step by step as torch rounds it.
-// rule 0 (torch.nn.utils.clip_grad_norm_): (n + eps).reciprocal() * max_norm, then clamp(max=1), which keeps
-// a NaN. rule 1: max_norm / max(n + eps, max_norm), NaN kept the same way. IEEE division (no fast math).
-template <typename T>
-__device__ __forceinline__ T clip_coefficient(T n, T max_norm, T eps, ClipRule rule) {
-  if (rule == ClipRule::kTorch) {
-    const T c = T(1) / (n + eps) * max_norm;
-    return c > T(1) ? T(1) : c;
-  }
-  const T d = n + eps;
-  return max_norm / (d < max_norm ? max_norm : d);
-}
-
-// A p-norm of non-negative values computed as m * (sum (x / m)^p)^(1/p) with m their max, in double, so that
-// no power overflows or underflows (the max of float64 norms squared would overflow double).
-struct ScaledNorm {
-  NormKind kind;
-  double p;
-  double inv_p;
-
-  __device__ __forceinline__ double term(double x, double m) const {
-    const double y = x / m;
-    switch (kind) {
-      case NormKind::kL2: return y * y;
-      case NormKind::kL1: return y;
-      default: return pow(y, p);
-    }
-  }
-  // Whether the sum of terms is needed: not for the inf-norm, nor when m is 0, inf or the values had a NaN.
-  __device__ __forceinline__ bool needs_sum(double m, bool nan) const {
-    return !nan && kind != NormKind::kInf && m > 0.0 && m <= DBL_MAX;
-  }
-  __device__ __forceinline__ double finish(double m, double sum, bool nan) const {
-    if (nan) return NAN;
-    if (!needs_sum(m, nan)) return m;
-    switch (kind) {
-      case NormKind::kL2: return m * sqrt(sum);
-      case NormKind::kL1: return m * sum;
-      default: return m * pow(sum, inv_p);
-    }
-  }
-};
 
 // The scaled p-norm of value(i), i in [0, count), over the whole block: a max pass, then a sum pass, both
 // fixed-order. Every thread gets the result.
