@@ -270,7 +270,8 @@ def main() -> int:
     torch_lib = str(Path(torch.__file__).parent / "lib")
     common_flags = list(cpp_extension.COMMON_NVCC_FLAGS)  # what the extension build passes to nvcc
     version = subprocess.run([nvcc, "--version"], stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()
-    print(f"nvcc: {nvcc} ({version[-1] if version else '?'}); torch {torch.__version__}; archs sm_{', sm_'.join(archs)}")
+    print(f"nvcc: {nvcc} ({version[-1] if version else '?'}); torch {torch.__version__}; "
+          f"archs sm_{', sm_'.join(archs)}")
 
     tmp = None
     if args.keep_dir:

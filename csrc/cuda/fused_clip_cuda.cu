@@ -247,8 +247,8 @@ __global__ void __launch_bounds__(kThreads) norm_chunks_kernel(Table table, cons
 }
 
 // One warp per tensor: reduces the tensor's chunk slots in a fixed order (lane l sums slots l, l + 32, ... in
-// index order, then a butterfly), writes its norm, and its accumulator and flag for the total. A zero-size tensor owns no slot:
-// norm 0.
+// index order, then a butterfly), writes its norm, and its accumulator and flag for the total. A zero-size
+// tensor owns no slot: norm 0.
 template <typename out_t>
 __global__ void __launch_bounds__(kFinalizeThreads)
     tensor_finalize_kernel(const double* partial, const double* flag, const int64_t* chunk_begin,
@@ -508,19 +508,15 @@ template <typename acc_t>
 void launch_norm_chunks(NormKind kind, int64_t num_chunks, cudaStream_t stream, const Table& table,
                         const float* inv_scale, double lo, double hi, double p, double* partial, double* flag) {
   const dim3 grid(static_cast<unsigned>(num_chunks));
+  const auto launch = [&](auto kind_tag) {
+    constexpr NormKind kKind = decltype(kind_tag)::value;
+    norm_chunks_kernel<acc_t, kKind><<<grid, kThreads, 0, stream>>>(table, inv_scale, lo, hi, p, partial, flag);
+  };
   switch (kind) {
-    case NormKind::kL2:
-      norm_chunks_kernel<acc_t, NormKind::kL2><<<grid, kThreads, 0, stream>>>(table, inv_scale, lo, hi, p, partial, flag);
-      break;
-    case NormKind::kL1:
-      norm_chunks_kernel<acc_t, NormKind::kL1><<<grid, kThreads, 0, stream>>>(table, inv_scale, lo, hi, p, partial, flag);
-      break;
-    case NormKind::kInf:
-      norm_chunks_kernel<acc_t, NormKind::kInf><<<grid, kThreads, 0, stream>>>(table, inv_scale, lo, hi, p, partial, flag);
-      break;
-    case NormKind::kP:
-      norm_chunks_kernel<acc_t, NormKind::kP><<<grid, kThreads, 0, stream>>>(table, inv_scale, lo, hi, p, partial, flag);
-      break;
+    case NormKind::kL2: launch(std::integral_constant<NormKind, NormKind::kL2>{}); break;
+    case NormKind::kL1: launch(std::integral_constant<NormKind, NormKind::kL1>{}); break;
+    case NormKind::kInf: launch(std::integral_constant<NormKind, NormKind::kInf>{}); break;
+    case NormKind::kP: launch(std::integral_constant<NormKind, NormKind::kP>{}); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
