@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -130,19 +131,15 @@ def nvcc_job(nvcc: str, source: Path, arch: str, work: Path, stub_dir: Path, tor
 
 
 def host_job(work: Path, torch_includes: list[str], torch_lib: str, cxx11_abi: bool) -> Job:
-    cxx = os.environ.get("CXX", "g++")
+    cxx = shlex.split(os.environ.get("CXX", "g++"))  # may be a launcher and a compiler ("ccache g++")
     exe = work / "cuda_host_checks"
-    cmd = [cxx, "-std=c++20", "-O1", "-Wall", "-Wextra", f"-D_GLIBCXX_USE_CXX11_ABI={int(cxx11_abi)}",
+    cmd = [*cxx, "-std=c++20", "-O1", "-Wall", "-Wextra", f"-D_GLIBCXX_USE_CXX11_ABI={int(cxx11_abi)}",
            "-I", str(CUDA_DIR)]
     for inc in torch_includes:
         cmd += ["-isystem", inc]
     cmd += [str(HOST_TEST), "-o", str(exe), "-L", torch_lib, f"-Wl,-rpath,{torch_lib}", "-ltorch_cpu", "-lc10"]
     # build, then run: one shell step so that it runs in the same worker
-    return Job("host checks", ["sh", "-c", " ".join(map(_quote, cmd)) + " && " + _quote(str(exe))])
-
-
-def _quote(s: str) -> str:
-    return "'" + s.replace("'", "'\\''") + "'"
+    return Job("host checks", ["sh", "-c", shlex.join(cmd) + " && " + shlex.quote(str(exe))])
 
 
 def parse_ptxas(output: str) -> list[Kernel]:
@@ -212,6 +209,10 @@ def short_names(mangled: list[str]) -> dict[str, str]:
                 break
         out[m] = d[:cut]
     return out
+
+
+def is_vector_kernel(k: Kernel) -> bool:
+    return any(name in k.mangled for name in VECTOR_KERNELS)  # works on the mangled name, with or without c++filt
 
 
 def warning_lines(output: str) -> list[str]:
@@ -339,11 +340,11 @@ def main() -> int:
                 failures.append(f"{k.name} {k.arch}: {k.spill_stores} B spill stores, {k.spill_loads} B spill loads")
             for callee in k.callee_spills:
                 failures.append(f"{k.name} {k.arch}: a function it calls spills: {callee}")
-            if k.name.startswith(VECTOR_KERNELS) and k.vec_loads == 0:
+            if is_vector_kernel(k) and k.vec_loads == 0:
                 failures.append(f"{k.name} {k.arch}: no 128-bit global load (ld.global.v4) in its PTX")
         for kernel in VECTOR_KERNELS:
             for arch in archs:
-                if not any(k.name.startswith(kernel) and k.arch == f"sm_{arch}" for k in kernels):
+                if not any(kernel in k.mangled and k.arch == f"sm_{arch}" for k in kernels):
                     failures.append(f"{kernel}: not compiled for sm_{arch}")
         failures += check_sources()
 
