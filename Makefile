@@ -14,7 +14,7 @@ endif
 # A CPU build of torch keeps a cold set-up small; set TORCH_SPEC to pick another build.
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton>=3.6
-EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
+EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp)
 
 .PHONY: setup demo test test-gpu cuda-check bench env clean
 
