@@ -119,6 +119,35 @@ def test_non_contiguous_norm_is_staged_every_call(norm_type):
     assert_norms(per_tensor, total, grads, norm_type, 0.25, 1e-5)
 
 
+def test_a_clamp_that_excludes_zero_counts_no_masked_lane():
+    # the masked lanes of a tail block load 0, which a clamp to [0.5, 1] would turn into 0.5
+    grads = random_grads([(5,), (4097,), (1024,)], (torch.float32, torch.bfloat16))
+    for clamp in [(0.5, 1.0), (-1.0, -0.25)]:
+        for norm_type in (2.0, 1.0, math.inf, 3.0):
+            got = small_chunk_norm(grads, torch.tensor(0.5), norm_type, clamp)
+            want = reference.norm_pass(grads, torch.tensor(0.5), norm_type, clamp)
+            for a, w in zip(got, want):
+                torch.testing.assert_close(a, w, rtol=rtol_for(norm_type, ()), atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_aligned_and_unaligned_chunks_give_the_same_bits(dtype):
+    # An aligned tensor reads whole blocks without a mask, a misaligned view of the same values with one;
+    # each lane sums the same elements in the same order either way.
+    values = random_grads([(5000,)], (dtype,))[0]
+    shifted = torch.empty(5001, dtype=dtype)[1:]
+    shifted.copy_(values)
+    grads = [values, shifted]
+    codes = tensor_table.tensor_table(grads, SMALL_CHUNK).codes[:2].tolist()
+    assert [bool(c & tensor_table.ALIGNED) for c in codes] == [True, False]
+    for norm_type in (2.0, 1.0, math.inf, 3.0):
+        for clamp in (None, (-0.5, 1.0)):
+            per_tensor, _, _ = small_chunk_norm(grads, torch.tensor(0.25), norm_type, clamp)
+            assert bitwise_equal(per_tensor[0], per_tensor[1])
+    small_chunk_scale(grads, torch.tensor(0.3), torch.tensor(0.5), (-0.2, 0.7))
+    assert bitwise_equal(grads[0], grads[1])
+
+
 def test_every_output_is_written_over_poisoned_scratch(monkeypatch):
     from ampclip.triton_kernels import fused_norm
 

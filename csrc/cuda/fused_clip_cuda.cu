@@ -89,7 +89,7 @@ struct Chunk {
 __device__ __forceinline__ Chunk locate(const Table& table, int64_t c) {
   Chunk ch;
   ch.tensor = __ldg(table.chunk_tensor + c);
-  ch.code = __ldg(table.codes + ch.tensor);
+  ch.code = __ldg(table.codes + ch.tensor) & ~kCodeAligned;  // the dtype code alone
   ch.start = (c - __ldg(table.chunk_begin + ch.tensor)) * table.chunk;
   ch.n = min(__ldg(table.numels + ch.tensor) - ch.start, table.chunk);
   ch.data = static_cast<uintptr_t>(__ldg(table.ptrs + ch.tensor));

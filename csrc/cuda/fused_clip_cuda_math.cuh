@@ -28,11 +28,15 @@ namespace ampclip::cuda::math {
 
 constexpr int kVecBytes = 16;  // one ld.global.v4 / st.global.v4: 8 halves, 8 bfloat16, 4 floats or 2 doubles
 
-// Dtype codes of the table (triton_kernels/tensor_table.py: DTYPE_CODES).
+// Dtype codes of the table (ampclip/backends/tensor_table.py: DTYPE_CODES).
 constexpr int64_t kCodeHalf = 0;
 constexpr int64_t kCodeBFloat16 = 1;
 constexpr int64_t kCodeFloat = 2;
 constexpr int64_t kCodeDouble = 3;
+// A bit the table adds to a tensor's code when its data and chunk starts are 16-byte aligned (tensor_table.py:
+// ALIGNED), for the Triton kernels, which cannot tell at run time. These kernels split every chunk from its
+// address and clear the bit before they look at the dtype code.
+constexpr int64_t kCodeAligned = 4;
 
 // Chunk and tensor flags, kept as doubles next to the partials: the max over a range is the range's flag.
 constexpr double kFlagInf = 1.0;  // some unscaled value is inf or NaN (found_inf)
