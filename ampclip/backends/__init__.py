@@ -1,6 +1,6 @@
 """Backends: one adapter module per way of running the op contract of :mod:`ampclip.ops`.
 
-Each adapter module (``reference.py``, ``cpp.py``, ``triton.py``) has a ``load()`` that returns a
+Each adapter module (``reference.py``, ``cpp.py``, ``triton.py``, ``cuda.py``) has a ``load()`` that returns a
 :class:`Backend`, or raises :class:`Unavailable` saying why it cannot run here. Only :mod:`ampclip.ops` and
 the adapters import the compiled extension or ``ampclip.triton_kernels``; the public layer reaches a backend
 through ``ops`` alone. Adding a backend is its kernels, one adapter module and its name in ``NAMES``.
@@ -16,7 +16,7 @@ import torch
 __all__ = ["NAMES", "Backend", "Unavailable", "available", "load", "unavailable_reason"]
 
 # Every backend ampclip knows, in the order `ampclip env` lists them.
-NAMES = ("reference", "cpp", "triton")
+NAMES = ("reference", "cpp", "triton", "cuda")
 
 
 class Unavailable(RuntimeError):
