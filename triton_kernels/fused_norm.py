@@ -103,12 +103,13 @@ def _measure_chunk(base, start, n, full, inv, p, lo, hi, ACC: tl.constexpr, MAX_
                    NORM: tl.constexpr, HAS_INV: tl.constexpr, HAS_CLAMP: tl.constexpr, WIDEN: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr):
     """:func:`_chunk_partial`; with ``WIDEN``, summed again in float64 when the float32 sum overflowed with
-    nothing inf or NaN."""
+    nothing inf or NaN. That second read is rare and takes the masked path alone (the same sums, bit for bit):
+    a second unmasked loop would double the code and make ptxas spill."""
     partial, flag = _chunk_partial(base, start, n, full, inv, p, lo, hi, ACC, MAX_FINITE, NORM, HAS_INV, HAS_CLAMP,
                                    BLOCK_SIZE)
     if WIDEN:
         if (partial == float("inf")) & (flag == 0):
-            partial, flag = _chunk_partial(base, start, n, full, inv, p, lo, hi, tl.float64, MAX_FINITE, NORM,
+            partial, flag = _chunk_partial(base, start, n, 0, inv, p, lo, hi, tl.float64, MAX_FINITE, NORM,
                                            HAS_INV, HAS_CLAMP, BLOCK_SIZE)
     return partial, flag
 
@@ -126,11 +127,14 @@ def _chunk_location(pid, t, table_ptrs, table_numels, table_codes, chunk_begin, 
     return start, n, full, code & DTYPE_MASK, tl.load(table_ptrs + t)
 
 
-@triton.jit(do_not_specialize=["lo_bits", "hi_bits"])
+@triton.jit(do_not_specialize=["lo_bits", "hi_bits"], do_not_specialize_on_alignment=[
+    "table_ptrs", "table_numels", "table_codes", "chunk_begin", "chunk_tensor", "inv_scale_ptr", "partial_out",
+    "flag_out"])
 def _fused_norm_kernel(
     table_ptrs, table_numels, table_codes, chunk_begin, chunk_tensor, inv_scale_ptr, partial_out, flag_out, p,
-    lo_bits, hi_bits, ACC: tl.constexpr, MAX_FINITE: tl.constexpr, NORM: tl.constexpr, HAS_INV: tl.constexpr,
-    HAS_CLAMP: tl.constexpr, WIDEN: tl.constexpr, CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    lo_bits: tl.int64, hi_bits: tl.int64, ACC: tl.constexpr, MAX_FINITE: tl.constexpr, NORM: tl.constexpr,
+    HAS_INV: tl.constexpr, HAS_CLAMP: tl.constexpr, WIDEN: tl.constexpr, CHUNK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(chunk_tensor + pid)
@@ -195,7 +199,7 @@ def _reduce_slots(values, flags, count, NORM: tl.constexpr, BLOCK_SIZE: tl.const
     return total, tl.max(flag, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["partials", "flags", "chunk_begin", "norm_out", "acc_out", "flag_out"])
 def _tensor_finalize_kernel(partials, flags, chunk_begin, norm_out, acc_out, flag_out, inv_p,
                             NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -208,7 +212,8 @@ def _tensor_finalize_kernel(partials, flags, chunk_begin, norm_out, acc_out, fla
     tl.store(flag_out + t, f)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tensors"],
+            do_not_specialize_on_alignment=["accs", "flags", "total_out", "found_out"])
 def _total_finalize_kernel(accs, flags, num_tensors, total_out, found_out, inv_p,
                            NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     total, f = _reduce_slots(accs, flags, num_tensors, NORM, BLOCK_SIZE)

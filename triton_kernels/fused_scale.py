@@ -73,10 +73,12 @@ def _scale_chunk(base, start, n, full, coef, inv, lo, hi, zero, COMPUTE: tl.cons
                      HAS_CLIP, SOFT_BF16, True)
 
 
-@triton.jit(do_not_specialize=["lo_bits", "hi_bits"])
+@triton.jit(do_not_specialize=["lo_bits", "hi_bits"], do_not_specialize_on_alignment=[
+    "table_ptrs", "table_numels", "table_codes", "chunk_begin", "chunk_tensor", "coef_ptr", "inv_scale_ptr",
+    "found_inf_ptr"])
 def _fused_scale_kernel(
     table_ptrs, table_numels, table_codes, chunk_begin, chunk_tensor, coef_ptr, inv_scale_ptr, found_inf_ptr,
-    lo_bits, hi_bits, PER_TENSOR_COEF: tl.constexpr, HAS_INV: tl.constexpr, HAS_CLIP: tl.constexpr,
+    lo_bits: tl.int64, hi_bits: tl.int64, PER_TENSOR_COEF: tl.constexpr, HAS_INV: tl.constexpr, HAS_CLIP: tl.constexpr,
     HAS_FOUND: tl.constexpr, ZERO_IF_INF: tl.constexpr, SOFT_BF16: tl.constexpr, CHUNK_SIZE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
