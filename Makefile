@@ -44,12 +44,25 @@ test: setup
 test-gpu: setup
 	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu
 
-# Compile proof of the CUDA C++ kernels without a GPU: nvcc builds csrc/cuda/*.cu for sm_80 and sm_90 against
-# torch's headers, prints registers / shared memory / spills per kernel and fails on any warning or spill
-# (scripts/cuda_check.py). Needs nvcc and a python with torch, not the built package.
-cuda-check:
-	@$(PY) -c "import torch" 2>/dev/null || { echo "cuda-check needs a python with torch: run make setup, or pass PYTHON=/path/to/venv/bin/python"; exit 1; }
+# Compile proof of every GPU kernel without a GPU:
+# * the CUDA C++ kernels: nvcc builds csrc/cuda/*.cu for sm_80 and sm_90 against torch's headers, prints
+#   registers / shared memory / spills per kernel and fails on any warning or spill (scripts/cuda_check.py;
+#   needs nvcc and a python with torch, not the built package);
+# * the Triton kernels: every specialisation the triton backend can launch, compiled to cubins for sm_80 and
+#   sm_90 by Triton's own ptxas (scripts/triton_check.py), with the venv's triton and with the oldest one
+#   supported, TRITON_MIN_SPEC, installed into $(TRITON_MIN_DIR) (pip --target, no dependencies).
+TRITON_MIN_SPEC ?= triton==3.6.0
+TRITON_MIN_DIR ?= build/$(subst ==,-,$(TRITON_MIN_SPEC))
+
+$(TRITON_MIN_DIR)/.installed:
+	$(PY) -m pip install -q --target $(TRITON_MIN_DIR) --no-deps "$(TRITON_MIN_SPEC)"
+	touch $@
+
+cuda-check: $(TRITON_MIN_DIR)/.installed
+	@$(PY) -c "import torch, triton" 2>/dev/null || { echo "cuda-check needs a python with torch and triton: run make setup, or pass PYTHON=/path/to/venv/bin/python"; exit 1; }
 	$(PY) scripts/cuda_check.py
+	$(PY) scripts/triton_check.py
+	PYTHONPATH=$(abspath $(TRITON_MIN_DIR)) $(PY) scripts/triton_check.py
 
 bench: setup
 	$(PY) -m ampclip bench
