@@ -115,7 +115,7 @@ def _clipped_norm(per_tensor, coef, count, p, inv_p, NORM: tl.constexpr, BLOCK_S
 
 @triton.jit
 def _store_coefficients(norms, coef_out, bound, eps, count, RULE: tl.constexpr):
-    """coef_out[i] = the coefficient of norms[i], i < count, one per thread and step (CLIP_BLOCK)."""
+    """coef_out[i] = the coefficient of norms[i], i < count, one per thread and step (COEF_BLOCK)."""
     offsets = tl.arange(0, COEF_BLOCK)
     for i in range(0, count, COEF_BLOCK):
         mask = i + offsets < count
