@@ -14,7 +14,7 @@ endif
 # A CPU build of torch keeps a cold set-up small; set TORCH_SPEC to pick another build.
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton>=3.6
-EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h csrc/cuda/*.cpp)
 # What the tests and the demo need (pyproject's `test` extra, plus the build and demo tools). They are
 # installed next to the torch that is there, pinned to its exact version as pip knows it (a CUDA wheel from
 # PyPI is 2.14.1 to pip and 2.14.1+cu130 to torch.__version__): no framework may swap it.
@@ -23,7 +23,7 @@ TEST_DEPS := pytest numpy hypothesis pytest-benchmark ninja tqdm matplotlib tens
 TEST_IMPORTS := pytest, numpy, hypothesis, pytest_benchmark, ninja, tqdm, matplotlib, tensorboard, \
 	transformers, accelerate, lightning
 
-.PHONY: setup demo test test-gpu bench env clean
+.PHONY: setup demo test test-gpu cuda-check bench env clean
 
 setup: $(VENV)/.built $(VENV)/.test-deps
 
@@ -61,10 +61,31 @@ test: setup
 test-gpu: setup
 	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu
 
+# Compile proof of every GPU kernel without a GPU:
+# * the CUDA C++ kernels: nvcc builds csrc/cuda/*.cu for sm_80 and sm_90 against torch's headers, prints
+#   registers / shared memory / spills per kernel and fails on any warning or spill (scripts/cuda_check.py;
+#   needs nvcc and a python with torch, not the built package);
+# * the Triton kernels: every specialisation the triton backend can launch, compiled to cubins for sm_80 and
+#   sm_90 by Triton's own ptxas (scripts/triton_check.py), with the venv's triton and with the oldest one
+#   supported, TRITON_MIN_SPEC, installed into $(TRITON_MIN_DIR) (pip --target, no dependencies).
+TRITON_MIN_SPEC ?= triton==3.6.0
+TRITON_MIN_DIR ?= build/$(subst ==,-,$(TRITON_MIN_SPEC))
+
+$(TRITON_MIN_DIR)/.installed:
+	$(PY) -m pip install -q --target $(TRITON_MIN_DIR) --no-deps "$(TRITON_MIN_SPEC)"
+	touch $@
+
+cuda-check: $(TRITON_MIN_DIR)/.installed
+	@$(PY) -c "import torch, triton" 2>/dev/null || { echo "cuda-check needs a python with torch and triton: run make setup, or pass PYTHON=/path/to/venv/bin/python"; exit 1; }
+	$(PY) scripts/cuda_check.py
+	$(PY) scripts/triton_check.py
+	PYTHONPATH=$(abspath $(TRITON_MIN_DIR)) $(PY) scripts/triton_check.py
+
 # BENCH_RUNS runs of the harness (pytest-benchmark), then the report: ratios inside each run, medians over runs.
 BENCH_RUNS ?= 3
 BENCH_ARGS ?=
 BENCH_OUT ?= benchmarks/results/$(shell date +%Y-%m-%d)
+
 bench: setup
 	mkdir -p $(BENCH_OUT)
 	for i in $$(seq 1 $(BENCH_RUNS)); do \

@@ -32,7 +32,7 @@ PACKAGE_DIR = {"ampclip": "ampclip", "ampclip.triton_kernels": "triton_kernels"}
 PACKAGE_DATA = {"ampclip.data": ["*.txt"]}
 # The C++ sources travel with the package (as ampclip/csrc/) so that the extension can be rebuilt against
 # another torch after installation (ampclip._extension_loader).
-CSRC_FILES = ("*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh")
+CSRC_FILES = ("*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.h", "cuda/*.cpp")
 HOW_TO_BUILD = "pip install . --no-build-isolation"
 
 
@@ -128,19 +128,39 @@ def _extensions():
     cxx_flags = ["-O3", *openmp]  # the -std flag is torch's to choose (see the docstring)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    torch_cuda = torch.version.cuda
     build_cuda = (
         cuda_sources
         and os.environ.get("AMPCLIP_SKIP_CUDA_BUILD") != "1"
         and cpp_extension.CUDA_HOME is not None
-        and torch.version.cuda is not None
+        and torch_cuda is not None
     )
     if build_cuda:
+        # Fail before compiling anything when the toolkit cannot build for this torch (torch's own check
+        # comes only after the CPU sources are compiled).
+        import re
+        import subprocess
+
+        nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+        try:
+            found = re.search(r"release (\d+)\.(\d+)", subprocess.run([nvcc, "--version"], capture_output=True,
+                                                                      text=True).stdout)
+        except OSError:
+            found = None
+        nvcc_cuda = f"{found.group(1)}.{found.group(2)}" if found else "unknown"
+        if nvcc_cuda.split(".")[0] != torch_cuda.split(".")[0]:
+            sys.exit(f"ampclip: nvcc at {nvcc} is CUDA {nvcc_cuda}, torch {torch.__version__} was "
+                     f"built with CUDA {torch_cuda}; the major versions must match. Point CUDA_HOME at a CUDA "
+                     f"{torch_cuda.split('.')[0]} toolkit, or set AMPCLIP_SKIP_CUDA_BUILD=1 to build the CPU "
+                     "kernels only.")
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0+PTX")
+        # The GPU code compiled in, as torch.cuda.get_arch_list() names it, for ampclip._C.cuda_archs().
+        archs = [flag.rsplit("code=", 1)[1] for flag in cpp_extension._get_cuda_arch_flags() if "code=" in flag]
         ext = cpp_extension.CUDAExtension(
             "ampclip._C",
-            sources + cuda_sources,
+            sources + cuda_sources + sorted(glob.glob("csrc/cuda/*.cpp")),
             define_macros=[("AMPCLIP_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": [*cxx_flags, f'-DAMPCLIP_CUDA_ARCHS="{",".join(archs)}"'], "nvcc": ["-O3"]},
             extra_link_args=openmp,
         )
     else:

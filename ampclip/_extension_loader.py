@@ -190,7 +190,8 @@ def _jit_build(name: str, sources: str) -> tuple[ModuleType, str]:
 
     leaf = name.rpartition(".")[2]
     files = sorted(glob.glob(os.path.join(sources, "*.cpp")) + glob.glob(os.path.join(sources, "cpu", "*.cpp")))
-    cuda_files = sorted(glob.glob(os.path.join(sources, "cuda", "*.cu")))
+    cuda_dir = os.path.join(sources, "cuda")
+    cuda_files = sorted(glob.glob(os.path.join(cuda_dir, "*.cu")) + glob.glob(os.path.join(cuda_dir, "*.cpp")))
     with_cuda = bool(
         cuda_files
         and os.environ.get("AMPCLIP_SKIP_CUDA_BUILD") != "1"

@@ -803,6 +803,7 @@ def backend() -> dict:
         "torch": torch.__version__,
         "triton": None,
         "cuda": torch.version.cuda,
+        "cuda_archs": _cpp.cuda_archs(),  # the GPU code of the extension's CUDA kernels, () when not built
         "gpu": None,
     }
     try:

@@ -4,7 +4,7 @@
 # carry the GPU targets. Everything lands in $OUT (default ./gpu-check): one log per step, the test suite's
 # JUnit XML, and a results JSON/CSV/PNG per benchmark run. Copy the results into benchmarks/results/.
 #
-#   benchmarks/gpu_check.sh                 # build, env, tests, target benchmarks
+#   benchmarks/gpu_check.sh                 # build (CPU + CUDA C++ kernels), env, tests, target benchmarks
 #   benchmarks/gpu_check.sh tests           # build, env, tests
 #   benchmarks/gpu_check.sh bench           # build, env, target benchmarks
 #   benchmarks/gpu_check.sh full            # build, env, the harness's whole GPU default set (long)
@@ -33,8 +33,24 @@ step() {  # step NAME COMMAND...: runs it with its output in $OUT/NAME.log and r
     [ "$rc" -eq 0 ] || failed=1
 }
 
+# The CUDA C++ kernels build for the visible GPU's architecture only (a few minutes less than the default list);
+# set TORCH_CUDA_ARCH_LIST to build others. Without nvcc or a CUDA build of torch the extension has no CUDA
+# kernels, and cuda-archs below fails.
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
+    export TORCH_CUDA_ARCH_LIST
+fi
 step build "$PY" -m pip install -e . --no-build-isolation --no-deps
 step env "$PY" -m ampclip env
+# The extension holds the CUDA kernels for this GPU (sm_90 on an H100/H200) and the cuda backend loads.
+step cuda-archs "$PY" -c "
+import torch
+from ampclip import _C, ops
+archs = _C.cuda_archs()
+want = 'sm_%d%d' % torch.cuda.get_device_capability()
+print('cuda_archs', archs, 'want', want, 'cuda backend:', ops.available_backends()['cuda'])
+assert want in archs and ops.available_backends()['cuda'], ops.backend()['unavailable']
+"
 step nvidia-smi nvidia-smi
 
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then

@@ -19,6 +19,9 @@
 #include <vector>
 
 #include "cpu/fused_clip_cpu.h"
+#ifdef AMPCLIP_WITH_CUDA
+#include "cuda/python_cuda.h"
+#endif
 
 namespace ampclip {
 namespace {
@@ -359,6 +362,26 @@ PyObject* tensor_signature(PyObject* /*module*/, PyObject* tensors) {
   END_HANDLE_TH_ERRORS
 }
 
+// cuda_archs() -> tuple of str: the GPU code the CUDA kernels hold, named as torch.cuda.get_arch_list() names
+// it ('sm_90': machine code for sm_90; 'compute_90': PTX, compiled for newer GPUs when loaded). setup.py passes
+// the list as AMPCLIP_CUDA_ARCHS ("sm_80,sm_90,compute_90"); empty in a build without the CUDA kernels.
+PyObject* cuda_archs(PyObject* /*module*/, PyObject* /*unused*/) {
+#ifdef AMPCLIP_CUDA_ARCHS
+  PyObject* joined = PyUnicode_FromString(AMPCLIP_CUDA_ARCHS);
+  if (joined == nullptr) return nullptr;
+  PyObject* comma = PyUnicode_FromString(",");
+  PyObject* parts = comma == nullptr ? nullptr : PyUnicode_Split(joined, comma, -1);
+  Py_XDECREF(comma);
+  Py_DECREF(joined);
+  if (parts == nullptr) return nullptr;
+  PyObject* out = PyList_AsTuple(parts);
+  Py_DECREF(parts);
+  return out;
+#else
+  return PyTuple_New(0);
+#endif
+}
+
 #define AMPCLIP_FASTCALL(fn) reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fn)), METH_FASTCALL
 
 PyMethodDef methods[] = {
@@ -374,6 +397,7 @@ PyMethodDef methods[] = {
      "(gradients that exist, their parameter indices or None when all exist); None for non-plain parameters."},
     {"tensor_signature", tensor_signature, METH_O,
      "(hash, bytes) of each tensor's data pointer, size, dtype, device, sizes and strides, for table caches."},
+    {"cuda_archs", cuda_archs, METH_NOARGS, "The GPU architectures the CUDA kernels were built for; () without them."},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -388,5 +412,8 @@ PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, ampclip::methods};
   PyObject* m = PyModule_Create(&module);
   if (m != nullptr && ampclip::add_adaptive_methods(m) < 0) Py_CLEAR(m);
+#ifdef AMPCLIP_WITH_CUDA
+  if (m != nullptr && !ampclip::cuda::add_bindings(m)) Py_CLEAR(m);  // the CUDA kernels' entries
+#endif
   return m;
 }

@@ -89,3 +89,25 @@ def test_the_table_knows_what_a_write_must_know():
     assert table_of([torch.randn(3), torch.randn(1).expand(4)]).expanded == 1
     with pytest.raises(TypeError, match="dtype|float16"):
         table_of([torch.ones(3, dtype=torch.int64)])
+
+
+def test_codes_mark_tensors_whose_chunks_start_16_byte_aligned():
+    buf = torch.randn(5000)
+    grads = [buf, buf[1:], buf[4:].half(), torch.randn(7, dtype=torch.float64), torch.empty(0)]
+    codes = table_of(grads).codes[: len(grads)].tolist()
+    dtypes = [tensor_table.DTYPE_CODES[g.dtype] for g in grads]
+    assert [c & ~tensor_table.ALIGNED for c in codes] == dtypes
+    aligned = [bool(c & tensor_table.ALIGNED) for c in codes]
+    assert aligned == [g.data_ptr() % 16 == 0 for g in grads] == [True, False, True, True, True]
+    # a chunk of 1001 float32 is 4004 bytes: the second chunk would start misaligned
+    assert not table_of([buf], chunk=1001).codes[0].item() & tensor_table.ALIGNED
+    assert table_of([buf.half()], chunk=1000).codes[0].item() & tensor_table.ALIGNED
+
+
+def test_exact_sections_are_views_at_their_lengths():
+    grads = [torch.randn(5000), torch.randn(3), torch.empty(0)]
+    table = table_of(grads, chunk=1024)
+    sections = table.exact_sections()
+    assert [s.numel() for s in sections] == [3, 3, 3, 4, 6]
+    assert all(s.untyped_storage().data_ptr() == table.buffer.untyped_storage().data_ptr() for s in sections)
+    assert table.exact_sections() is sections  # made once per table

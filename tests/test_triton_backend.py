@@ -119,6 +119,35 @@ def test_non_contiguous_norm_is_staged_every_call(norm_type):
     assert_norms(per_tensor, total, grads, norm_type, 0.25, 1e-5)
 
 
+def test_a_clamp_that_excludes_zero_counts_no_masked_lane():
+    # the masked lanes of a tail block load 0, which a clamp to [0.5, 1] would turn into 0.5
+    grads = random_grads([(5,), (4097,), (1024,)], (torch.float32, torch.bfloat16))
+    for clamp in [(0.5, 1.0), (-1.0, -0.25)]:
+        for norm_type in (2.0, 1.0, math.inf, 3.0):
+            got = small_chunk_norm(grads, torch.tensor(0.5), norm_type, clamp)
+            want = reference.norm_pass(grads, torch.tensor(0.5), norm_type, clamp)
+            for a, w in zip(got, want):
+                torch.testing.assert_close(a, w, rtol=rtol_for(norm_type, ()), atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_aligned_and_unaligned_chunks_give_the_same_bits(dtype):
+    # An aligned tensor reads whole blocks without a mask, a misaligned view of the same values with one;
+    # each lane sums the same elements in the same order either way.
+    values = random_grads([(5000,)], (dtype,))[0]
+    shifted = torch.empty(5001, dtype=dtype)[1:]
+    shifted.copy_(values)
+    grads = [values, shifted]
+    codes = tensor_table.tensor_table(grads, SMALL_CHUNK).codes[:2].tolist()
+    assert [bool(c & tensor_table.ALIGNED) for c in codes] == [True, False]
+    for norm_type in (2.0, 1.0, math.inf, 3.0):
+        for clamp in (None, (-0.5, 1.0)):
+            per_tensor, _, _ = small_chunk_norm(grads, torch.tensor(0.25), norm_type, clamp)
+            assert bitwise_equal(per_tensor[0], per_tensor[1])
+    small_chunk_scale(grads, torch.tensor(0.3), torch.tensor(0.5), (-0.2, 0.7))
+    assert bitwise_equal(grads[0], grads[1])
+
+
 def test_every_output_is_written_over_poisoned_scratch(monkeypatch):
     from ampclip.triton_kernels import fused_norm
 
@@ -179,6 +208,78 @@ def test_fp64_clamp_is_not_rounded_to_fp32():
     assert all(bitwise_equal(g, w) for g, w in zip(grads, want))
     per_tensor, _, _ = ops.norm_pass([torch.randn(3000, dtype=torch.float64)], None, math.inf, 0.1, backend="triton")
     assert per_tensor[0].item() == 0.1  # the float64 0.1, not float32's 0.10000000149
+
+
+# ------------------------------------------------------------------- the compile proof covers every launch
+
+
+def _triton_check():
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "triton_check.py"
+    spec = importlib.util.spec_from_file_location("triton_check", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["triton_check"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_launch_is_a_specialisation_the_compile_check_compiles(monkeypatch):
+    """scripts/triton_check.py (make cuda-check) compiles a list of specialisations; every launch the
+    backend makes here, over dtypes, flags, bounds and modes, must be one of them."""
+    from ampclip import triton_kernels as tk
+
+    check = _triton_check()
+    seen = []
+
+    class Recorder:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                seen.append(check.launch_spec(self.name, self.kernel.fn, args, kwargs))
+                return launch(*args, **kwargs)
+
+            return run
+
+    for name, module in check.KERNELS.items():
+        mod = getattr(tk, module)
+        monkeypatch.setattr(mod, name, Recorder(name, getattr(mod, name)))
+    for dtypes in [(torch.float32, torch.bfloat16), (torch.float16, torch.float64)]:
+        grads = random_grads([(3000,), (5,), (0,)], dtypes)
+        fp64 = torch.float64 in dtypes
+        for norm_type in (2.0, 1.0, math.inf, 3.0):
+            for inv, clamp in ((None, None), (torch.tensor(0.5), (-1.0, 0.0))):
+                per_tensor, total, found = small_chunk_norm(grads, inv, norm_type, clamp)
+                for mode, rule in ((0, 0), (1, 1), (2, 0)):
+                    groups = torch.tensor([0, 1, 1]) if mode == 2 else None
+                    for bound in (0.5, torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64)):
+                        tk.clip_finalize_triton(per_tensor, total, bound, mode, groups, 2 if mode == 2 else 0,
+                                                norm_type, 1e-6, rule)
+        coef = torch.tensor([0.5, 0.25, 2.0], dtype=torch.float64 if fp64 else torch.float32)
+        for c, inv, clamp, found_inf, zero in ((coef, None, None, None, False),
+                                               (coef[0], torch.tensor(0.5), (-1.0, 1.0), torch.tensor(0.0), True),
+                                               (coef, None, None, torch.tensor(0.0), False)):
+            small_chunk_scale(grads, c, inv, clamp, found_inf, zero)
+        counters, stats = torch.zeros(2, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)
+        tk.clip_stats_update_triton(counters, stats, per_tensor, coef, found)
+        tk.clip_stats_update_triton(counters, None, per_tensor, coef[0], found)
+    state, history = torch.tensor([1024.0, 1 / 1024, 0.0, 2.0]), torch.zeros(3, 8)
+    for found_inf, norm in ((None, None), (torch.tensor(1.0), torch.tensor(3.0, dtype=torch.float64))):
+        for dynamic in (True, False):
+            tk.scaler_update_triton(state, history, found_inf, norm, 1, 2.0, 0.5, 2000, 2, 1.0, 2.0**24, dynamic)
+    # Here the tables have small chunks and the interpreter rounds bfloat16 by hand; compiled, neither.
+    compiled = {"CHUNK_SIZE": tensor_table.CHUNK, "SOFT_BF16": 0}
+    seen = [check.Spec(s.kernel, s.types, tuple((k, compiled.get(k, v)) for k, v in s.constexprs)) for s in seen]
+    listed = set(check.specializations())
+    missing = {spec.label() for spec in seen if spec not in listed}
+    assert not missing, f"launched but not compiled by scripts/triton_check.py: {sorted(missing)}"
+    assert {spec.kernel for spec in seen} == set(check.KERNELS)
 
 
 # --------------------------------------------------------------------------------------------------- CUDA

@@ -33,6 +33,10 @@ BLOCK = 1024  # elements per loop step: 8 per thread at 4 warps, a 16-byte load 
 FINALIZE_BLOCK = 256  # chunk slots per step of the per-tensor finalize (most tensors own 1 chunk)
 TOTAL_BLOCK = 1024  # tensors per step of the one-program total finalize (10,000 tensors: 10 steps)
 NORM_L2, NORM_L1, NORM_INF, NORM_P = 0, 1, 2, 3
+# The table's codes section (ampclip/backends/tensor_table.py): the dtype code in the low bits, and a bit set
+# when the tensor's data and every chunk start are 16-byte aligned, so whole blocks can be read in 128-bit loads.
+DTYPE_MASK = tl.constexpr(3)
+ALIGNED = tl.constexpr(4)
 # Tests set this to float("nan") to poison the scratch buffers, proving every slot is written before read.
 SCRATCH_FILL: Optional[float] = None
 _FP32_MAX = torch.finfo(torch.float32).max
@@ -40,36 +44,53 @@ _FP64_MAX = torch.finfo(torch.float64).max
 
 
 @triton.jit
-def _chunk_partial(base, start, n, inv, p, lo, hi, ACC: tl.constexpr, MAX_FINITE: tl.constexpr,
+def _accumulate(x, valid, acc, flag, inv, p, lo, hi, ACC: tl.constexpr, MAX_FINITE: tl.constexpr,
+                NORM: tl.constexpr, HAS_INV: tl.constexpr, HAS_CLAMP: tl.constexpr, MASKED: tl.constexpr):
+    """One block of elements ``x`` (already in ACC) into the running ``acc`` and ``flag``; with MASKED, the
+    lanes outside ``valid`` (loaded as 0) add nothing, whatever the clamp makes of a 0."""
+    if HAS_INV:
+        x = x * inv
+    a = tl.abs(x)
+    is_nan = x != x
+    flag = tl.maximum(flag, tl.where(is_nan, 2, tl.where(a > MAX_FINITE, 1, 0)))  # before the clamp
+    if HAS_CLAMP:
+        x = tl.where(x < lo.to(ACC), lo.to(ACC), x)
+        x = tl.where(x > hi.to(ACC), hi.to(ACC), x)
+        if MASKED:
+            x = tl.where(valid, x, 0.0)
+        a = tl.abs(x)
+    if NORM == 0:
+        acc += x * x
+    elif NORM == 1:
+        acc += a
+    elif NORM == 2:
+        acc = tl.maximum(acc, tl.where(is_nan, 0.0, a))  # NaN comes back from the flag
+    else:
+        # |x|^p = 2^(p log2 |x|); 0 stays 0, inf stays inf, NaN stays NaN
+        safe = tl.where(a == 0.0, 1.0, a)
+        acc += tl.where(a == 0.0, 0.0, tl.exp2(p * tl.log2(safe)))
+    return acc, flag
+
+
+@triton.jit
+def _chunk_partial(base, start, n, full, inv, p, lo, hi, ACC: tl.constexpr, MAX_FINITE: tl.constexpr,
                    NORM: tl.constexpr, HAS_INV: tl.constexpr, HAS_CLAMP: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """(partial, flag) of elements start .. start+n of ``base`` (a typed pointer), n <= CHUNK, accumulated in
-    ACC; the partial comes back as float64."""
+    ACC; the partial comes back as float64. The first ``full`` elements (whole blocks of a chunk the table
+    marked 16-byte aligned; 0 otherwise) are read without a mask through a pointer hinted 16-byte aligned,
+    i.e. in 128-bit loads; the rest (the tail, any block of an unaligned chunk) with a mask. Each lane sums
+    the same elements in the same order either way, so the result does not depend on the path."""
     acc = tl.zeros([BLOCK_SIZE], dtype=ACC)
     flag = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
     offsets = tl.arange(0, BLOCK_SIZE)
-    for i in range(0, n, BLOCK_SIZE):  # a tiny tensor takes one masked step
+    for i in range(0, full, BLOCK_SIZE):
+        block = tl.multiple_of(base + (start + i), 16)  # int64 offsets: tensors may pass 2^31 elements
+        x = tl.load(block + offsets).to(ACC)
+        acc, flag = _accumulate(x, None, acc, flag, inv, p, lo, hi, ACC, MAX_FINITE, NORM, HAS_INV, HAS_CLAMP, False)
+    for i in range(full, n, BLOCK_SIZE):  # a tiny tensor takes one masked step
         mask = i + offsets < n
-        idx = start + i + offsets  # int64: tensors may pass 2^31 elements
-        x = tl.load(base + idx, mask=mask, other=0.0).to(ACC)
-        if HAS_INV:
-            x = x * inv
-        a = tl.abs(x)
-        is_nan = x != x
-        flag = tl.maximum(flag, tl.where(is_nan, 2, tl.where(a > MAX_FINITE, 1, 0)))  # before the clamp
-        if HAS_CLAMP:
-            x = tl.where(x < lo.to(ACC), lo.to(ACC), x)
-            x = tl.where(x > hi.to(ACC), hi.to(ACC), x)
-            a = tl.abs(x)
-        if NORM == 0:
-            acc += x * x
-        elif NORM == 1:
-            acc += a
-        elif NORM == 2:
-            acc = tl.maximum(acc, tl.where(is_nan, 0.0, a))  # NaN comes back from the flag
-        else:
-            # |x|^p = 2^(p log2 |x|); 0 stays 0, inf stays inf, NaN stays NaN
-            safe = tl.where(a == 0.0, 1.0, a)
-            acc += tl.where(a == 0.0, 0.0, tl.exp2(p * tl.log2(safe)))
+        x = tl.load(base + (start + i) + offsets, mask=mask, other=0.0).to(ACC)
+        acc, flag = _accumulate(x, mask, acc, flag, inv, p, lo, hi, ACC, MAX_FINITE, NORM, HAS_INV, HAS_CLAMP, True)
     if NORM == 2:
         partial = tl.max(acc, axis=0)
     else:
@@ -78,38 +99,47 @@ def _chunk_partial(base, start, n, inv, p, lo, hi, ACC: tl.constexpr, MAX_FINITE
 
 
 @triton.jit
-def _measure_chunk(base, start, n, inv, p, lo, hi, ACC: tl.constexpr, MAX_FINITE: tl.constexpr,
+def _measure_chunk(base, start, n, full, inv, p, lo, hi, ACC: tl.constexpr, MAX_FINITE: tl.constexpr,
                    NORM: tl.constexpr, HAS_INV: tl.constexpr, HAS_CLAMP: tl.constexpr, WIDEN: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr):
     """:func:`_chunk_partial`; with ``WIDEN``, summed again in float64 when the float32 sum overflowed with
-    nothing inf or NaN."""
-    partial, flag = _chunk_partial(base, start, n, inv, p, lo, hi, ACC, MAX_FINITE, NORM, HAS_INV, HAS_CLAMP,
+    nothing inf or NaN. That second read is rare and takes the masked path alone (the same sums, bit for bit):
+    a second unmasked loop would double the code and make ptxas spill."""
+    partial, flag = _chunk_partial(base, start, n, full, inv, p, lo, hi, ACC, MAX_FINITE, NORM, HAS_INV, HAS_CLAMP,
                                    BLOCK_SIZE)
     if WIDEN:
         if (partial == float("inf")) & (flag == 0):
-            partial, flag = _chunk_partial(base, start, n, inv, p, lo, hi, tl.float64, MAX_FINITE, NORM, HAS_INV,
-                                           HAS_CLAMP, BLOCK_SIZE)
+            partial, flag = _chunk_partial(base, start, n, 0, inv, p, lo, hi, tl.float64, MAX_FINITE, NORM,
+                                           HAS_INV, HAS_CLAMP, BLOCK_SIZE)
     return partial, flag
 
 
 @triton.jit
-def _chunk_location(pid, t, table_ptrs, table_numels, table_codes, chunk_begin, CHUNK_SIZE: tl.constexpr):
-    """Where chunk ``pid`` of tensor ``t`` lies (tensor_table.py): its first element, its length, the
+def _chunk_location(pid, t, table_ptrs, table_numels, table_codes, chunk_begin, CHUNK_SIZE: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr):
+    """Where chunk ``pid`` of tensor ``t`` lies (tensor_table.py): its first element, its length, how many of
+    its elements are whole blocks read without a mask (0 unless the table marked the tensor ALIGNED), the
     tensor's dtype code and data address."""
     start = (pid - tl.load(chunk_begin + t)) * CHUNK_SIZE
     n = tl.minimum(tl.load(table_numels + t) - start, CHUNK_SIZE).to(tl.int32)
-    return start, n, tl.load(table_codes + t), tl.load(table_ptrs + t)
+    code = tl.load(table_codes + t)
+    full = tl.where((code & ALIGNED) != 0, n // BLOCK_SIZE * BLOCK_SIZE, 0)
+    return start, n, full, code & DTYPE_MASK, tl.load(table_ptrs + t)
 
 
-@triton.jit(do_not_specialize=["lo_bits", "hi_bits"])
+@triton.jit(do_not_specialize=["lo_bits", "hi_bits"], do_not_specialize_on_alignment=[
+    "table_ptrs", "table_numels", "table_codes", "chunk_begin", "chunk_tensor", "inv_scale_ptr", "partial_out",
+    "flag_out"])
 def _fused_norm_kernel(
     table_ptrs, table_numels, table_codes, chunk_begin, chunk_tensor, inv_scale_ptr, partial_out, flag_out, p,
-    lo_bits, hi_bits, ACC: tl.constexpr, MAX_FINITE: tl.constexpr, NORM: tl.constexpr, HAS_INV: tl.constexpr,
-    HAS_CLAMP: tl.constexpr, WIDEN: tl.constexpr, CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    lo_bits: tl.int64, hi_bits: tl.int64, ACC: tl.constexpr, MAX_FINITE: tl.constexpr, NORM: tl.constexpr,
+    HAS_INV: tl.constexpr, HAS_CLAMP: tl.constexpr, WIDEN: tl.constexpr, CHUNK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(chunk_tensor + pid)
-    start, n, code, addr = _chunk_location(pid, t, table_ptrs, table_numels, table_codes, chunk_begin, CHUNK_SIZE)
+    start, n, full, code, addr = _chunk_location(pid, t, table_ptrs, table_numels, table_codes, chunk_begin,
+                                                 CHUNK_SIZE, BLOCK_SIZE)
     inv = 1.0
     if HAS_INV:
         inv = tl.load(inv_scale_ptr).to(ACC)
@@ -117,16 +147,16 @@ def _fused_norm_kernel(
     hi = hi_bits.to(tl.int64).to(tl.float64, bitcast=True)
     # One branch per dtype (uniform within a program): one launch covers a mixed-dtype list.
     if code == 0:
-        partial, flag = _measure_chunk(addr.to(tl.pointer_type(tl.float16)), start, n, inv, p, lo, hi,
+        partial, flag = _measure_chunk(addr.to(tl.pointer_type(tl.float16)), start, n, full, inv, p, lo, hi,
                                        ACC, MAX_FINITE, NORM, HAS_INV, HAS_CLAMP, WIDEN, BLOCK_SIZE)
     elif code == 1:
-        partial, flag = _measure_chunk(addr.to(tl.pointer_type(tl.bfloat16)), start, n, inv, p, lo, hi,
+        partial, flag = _measure_chunk(addr.to(tl.pointer_type(tl.bfloat16)), start, n, full, inv, p, lo, hi,
                                        ACC, MAX_FINITE, NORM, HAS_INV, HAS_CLAMP, WIDEN, BLOCK_SIZE)
     elif code == 2:
-        partial, flag = _measure_chunk(addr.to(tl.pointer_type(tl.float32)), start, n, inv, p, lo, hi,
+        partial, flag = _measure_chunk(addr.to(tl.pointer_type(tl.float32)), start, n, full, inv, p, lo, hi,
                                        ACC, MAX_FINITE, NORM, HAS_INV, HAS_CLAMP, WIDEN, BLOCK_SIZE)
     else:
-        partial, flag = _measure_chunk(addr.to(tl.pointer_type(tl.float64)), start, n, inv, p, lo, hi,
+        partial, flag = _measure_chunk(addr.to(tl.pointer_type(tl.float64)), start, n, full, inv, p, lo, hi,
                                        ACC, MAX_FINITE, NORM, HAS_INV, HAS_CLAMP, WIDEN, BLOCK_SIZE)
     tl.store(partial_out + pid, partial)
     tl.store(flag_out + pid, flag.to(tl.float64))
@@ -169,7 +199,7 @@ def _reduce_slots(values, flags, count, NORM: tl.constexpr, BLOCK_SIZE: tl.const
     return total, tl.max(flag, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["partials", "flags", "chunk_begin", "norm_out", "acc_out", "flag_out"])
 def _tensor_finalize_kernel(partials, flags, chunk_begin, norm_out, acc_out, flag_out, inv_p,
                             NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -182,7 +212,8 @@ def _tensor_finalize_kernel(partials, flags, chunk_begin, norm_out, acc_out, fla
     tl.store(flag_out + t, f)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tensors"],
+            do_not_specialize_on_alignment=["accs", "flags", "total_out", "found_out"])
 def _total_finalize_kernel(accs, flags, num_tensors, total_out, found_out, inv_p,
                            NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     total, f = _reduce_slots(accs, flags, num_tensors, NORM, BLOCK_SIZE)

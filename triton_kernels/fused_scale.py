@@ -30,36 +30,55 @@ _SOFT_BF16 = int(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
-def _scale_chunk(base, start, n, coef, inv, lo, hi, zero, COMPUTE: tl.constexpr, HAS_INV: tl.constexpr,
+def _scale_block(ptrs, mask, c, inv, low, high, zero, COMPUTE: tl.constexpr, HAS_INV: tl.constexpr,
+                 HAS_CLIP: tl.constexpr, SOFT_BF16: tl.constexpr, MASKED: tl.constexpr):
+    """One block in place: the elements at ``ptrs`` (``mask`` of them when MASKED, else all)."""
+    if MASKED:
+        u = tl.load(ptrs, mask=mask, other=0.0).to(COMPUTE)
+    else:
+        u = tl.load(ptrs).to(COMPUTE)
+    if HAS_INV:
+        u = u * inv.to(COMPUTE)
+    if HAS_CLIP:
+        u = tl.where(u < low, low, u)
+        u = tl.where(u > high, high, u)
+    u = tl.where(zero, 0.0, u * c)
+    if SOFT_BF16:
+        # round to nearest even by hand (what cvt.rn.bf16.f32 does on the GPU); NaN -> 0x7FC0 as in c10
+        bits = u.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        out = tl.where(u != u, 0x7FC0, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = u.to(ptrs.dtype.element_ty)
+    if MASKED:
+        tl.store(ptrs, out, mask=mask)
+    else:
+        tl.store(ptrs, out)
+
+
+@triton.jit
+def _scale_chunk(base, start, n, full, coef, inv, lo, hi, zero, COMPUTE: tl.constexpr, HAS_INV: tl.constexpr,
                  HAS_CLIP: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Elements start .. start+n of ``base``: the first ``full`` (whole blocks of a 16-byte aligned chunk)
+    without a mask through a pointer hinted 16-byte aligned, i.e. 128-bit loads and stores; the rest masked."""
     c = coef.to(COMPUTE)
     low = lo.to(COMPUTE)  # rounded once to the compute dtype, as torch.clamp rounds its scalars
     high = hi.to(COMPUTE)
     offsets = tl.arange(0, BLOCK_SIZE)
-    for i in range(0, n, BLOCK_SIZE):
-        mask = i + offsets < n
-        idx = start + i + offsets  # int64: tensors may pass 2^31 elements
-        u = tl.load(base + idx, mask=mask, other=0.0).to(COMPUTE)
-        if HAS_INV:
-            u = u * inv.to(COMPUTE)
-        if HAS_CLIP:
-            u = tl.where(u < low, low, u)
-            u = tl.where(u > high, high, u)
-        u = tl.where(zero, 0.0, u * c)
-        if SOFT_BF16:
-            # round to nearest even by hand (what cvt.rn.bf16.f32 does on the GPU); NaN -> 0x7FC0 as in c10
-            bits = u.to(tl.uint32, bitcast=True)
-            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            rounded = tl.where(u != u, 0x7FC0, rounded).to(tl.uint16)
-            tl.store(base + idx, rounded.to(tl.bfloat16, bitcast=True), mask=mask)
-        else:
-            tl.store(base + idx, u.to(base.dtype.element_ty), mask=mask)
+    for i in range(0, full, BLOCK_SIZE):
+        block = tl.multiple_of(base + (start + i), 16)  # int64 offsets: tensors may pass 2^31 elements
+        _scale_block(block + offsets, None, c, inv, low, high, zero, COMPUTE, HAS_INV, HAS_CLIP, SOFT_BF16, False)
+    for i in range(full, n, BLOCK_SIZE):
+        _scale_block(base + (start + i) + offsets, i + offsets < n, c, inv, low, high, zero, COMPUTE, HAS_INV,
+                     HAS_CLIP, SOFT_BF16, True)
 
 
-@triton.jit(do_not_specialize=["lo_bits", "hi_bits"])
+@triton.jit(do_not_specialize=["lo_bits", "hi_bits"], do_not_specialize_on_alignment=[
+    "table_ptrs", "table_numels", "table_codes", "chunk_begin", "chunk_tensor", "coef_ptr", "inv_scale_ptr",
+    "found_inf_ptr"])
 def _fused_scale_kernel(
     table_ptrs, table_numels, table_codes, chunk_begin, chunk_tensor, coef_ptr, inv_scale_ptr, found_inf_ptr,
-    lo_bits, hi_bits, PER_TENSOR_COEF: tl.constexpr, HAS_INV: tl.constexpr, HAS_CLIP: tl.constexpr,
+    lo_bits: tl.int64, hi_bits: tl.int64, PER_TENSOR_COEF: tl.constexpr, HAS_INV: tl.constexpr, HAS_CLIP: tl.constexpr,
     HAS_FOUND: tl.constexpr, ZERO_IF_INF: tl.constexpr, SOFT_BF16: tl.constexpr, CHUNK_SIZE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
@@ -79,24 +98,24 @@ def _fused_scale_kernel(
         write = clean & (coef.to(tl.float64) != 1.0)  # * exactly 1 changes nothing: no read, no write
     zero = (found != 0.0) & (ZERO_IF_INF != 0)
     if write | zero:
-        start, n, code, addr = _chunk_location(pid, t, table_ptrs, table_numels, table_codes, chunk_begin,
-                                               CHUNK_SIZE)
+        start, n, full, code, addr = _chunk_location(pid, t, table_ptrs, table_numels, table_codes, chunk_begin,
+                                                     CHUNK_SIZE, BLOCK_SIZE)
         inv = 1.0
         if HAS_INV:
             inv = tl.load(inv_scale_ptr)
         lo = lo_bits.to(tl.int64).to(tl.float64, bitcast=True)  # the exact Python floats
         hi = hi_bits.to(tl.int64).to(tl.float64, bitcast=True)
         if code == 0:
-            _scale_chunk(addr.to(tl.pointer_type(tl.float16)), start, n, coef, inv, lo, hi, zero,
+            _scale_chunk(addr.to(tl.pointer_type(tl.float16)), start, n, full, coef, inv, lo, hi, zero,
                          tl.float32, HAS_INV, HAS_CLIP, 0, BLOCK_SIZE)
         elif code == 1:
-            _scale_chunk(addr.to(tl.pointer_type(tl.bfloat16)), start, n, coef, inv, lo, hi, zero,
+            _scale_chunk(addr.to(tl.pointer_type(tl.bfloat16)), start, n, full, coef, inv, lo, hi, zero,
                          tl.float32, HAS_INV, HAS_CLIP, SOFT_BF16, BLOCK_SIZE)
         elif code == 2:
-            _scale_chunk(addr.to(tl.pointer_type(tl.float32)), start, n, coef, inv, lo, hi, zero,
+            _scale_chunk(addr.to(tl.pointer_type(tl.float32)), start, n, full, coef, inv, lo, hi, zero,
                          tl.float32, HAS_INV, HAS_CLIP, 0, BLOCK_SIZE)
         else:
-            _scale_chunk(addr.to(tl.pointer_type(tl.float64)), start, n, coef, inv, lo, hi, zero,
+            _scale_chunk(addr.to(tl.pointer_type(tl.float64)), start, n, full, coef, inv, lo, hi, zero,
                          tl.float64, HAS_INV, HAS_CLIP, 0, BLOCK_SIZE)
 
 
@@ -125,11 +144,13 @@ def fused_scale_triton(table, coef: torch.Tensor, inv_scale: Optional[torch.Tens
     if found_inf is not None and found_inf.device != device:
         found_inf = found_inf.to(device)
     lo, hi = clamp if clamp is not None else (0.0, 0.0)
+    # ZERO_IF_INF only matters with a found_inf: without one it is 0, so the flag does not double the variants.
     _fused_scale_kernel[(table.num_chunks,)](
         table.dev_ptrs, table.numels, table.codes, table.chunk_begin, table.chunk_tensor, coef,
         inv_scale if inv_scale is not None else coef, found_inf if found_inf is not None else coef,
         float_bits(float(lo)), float_bits(float(hi)),
         PER_TENSOR_COEF=int(coef.numel() != 1), HAS_INV=int(inv_scale is not None),
         HAS_CLIP=int(clamp is not None), HAS_FOUND=int(found_inf is not None),
-        ZERO_IF_INF=int(bool(zero_if_inf)), SOFT_BF16=_SOFT_BF16, CHUNK_SIZE=table.chunk, BLOCK_SIZE=BLOCK,
+        ZERO_IF_INF=int(bool(zero_if_inf) and found_inf is not None), SOFT_BF16=_SOFT_BF16, CHUNK_SIZE=table.chunk,
+        BLOCK_SIZE=BLOCK,
     )

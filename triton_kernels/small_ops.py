@@ -20,6 +20,11 @@ import triton.language as tl
 from .fused_norm import NORM_P, _norm_kind, float_bits
 
 BLOCK = 1024  # tensors per step of a loop (10,000 tensors: 10 steps)
+# The clip coefficient's steps: 4 norms a thread (4 warps) keep the per-group loop of the float64 p-norms free
+# of spills, and one coefficient a thread: each IEEE division is a call across which ptxas keeps (or spills)
+# every live register.
+CLIP_BLOCK = 512
+COEF_BLOCK = tl.constexpr(128)
 
 
 @triton.jit
@@ -83,17 +88,17 @@ def _root(s, inv_p, NORM: tl.constexpr):
 
 
 @triton.jit
-def _clipped_norm(per_tensor, bound, eps, count, p, inv_p, NORM: tl.constexpr, RULE: tl.constexpr,
-                  BLOCK_SIZE: tl.constexpr):
+def _clipped_norm(per_tensor, coef, count, p, inv_p, NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """The p-norm over tensors of norm * coefficient, in float64 scaled by the largest, NaN propagating: two
-    reads of the norms, the largest first, then the scaled sum. The coefficients are computed again, not
-    read back from the output: a program's stores need not be visible to its own loads."""
+    reads of the norms and their coefficients (stored by this program before a barrier), the largest
+    first, then the scaled sum."""
     offsets = tl.arange(0, BLOCK_SIZE)
     peak = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
     nan = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
     for i in range(0, count, BLOCK_SIZE):
-        n = tl.load(per_tensor + i + offsets, mask=i + offsets < count, other=0.0)
-        v = tl.abs(n.to(tl.float64) * _coefficient(n, bound, eps, RULE).to(tl.float64))
+        mask = i + offsets < count
+        n = tl.load(per_tensor + i + offsets, mask=mask, other=0.0)
+        v = tl.abs(n.to(tl.float64) * tl.load(coef + i + offsets, mask=mask, other=0.0).to(tl.float64))
         nan = tl.maximum(nan, tl.where(v != v, 1, 0))
         peak = tl.maximum(peak, tl.where(v != v, 0.0, v))
     top = tl.max(peak, axis=0)
@@ -101,22 +106,35 @@ def _clipped_norm(per_tensor, bound, eps, count, p, inv_p, NORM: tl.constexpr, R
         out = top
     else:
         scale = tl.where((top > 0.0) & (top < float("inf")), top, 1.0)
+        inv_scale = 1.0 / scale  # one division, not one per element (each is a call that spills registers)
         acc = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
         for i in range(0, count, BLOCK_SIZE):
-            n = tl.load(per_tensor + i + offsets, mask=i + offsets < count, other=0.0)
-            v = tl.abs(n.to(tl.float64) * _coefficient(n, bound, eps, RULE).to(tl.float64))
-            acc += _power(tl.where(v != v, 0.0, v) / scale, p, NORM)
+            mask = i + offsets < count
+            n = tl.load(per_tensor + i + offsets, mask=mask, other=0.0)
+            v = tl.abs(n.to(tl.float64) * tl.load(coef + i + offsets, mask=mask, other=0.0).to(tl.float64))
+            acc += _power(tl.where(v != v, 0.0, v) * inv_scale, p, NORM)
         out = tl.where(top == float("inf"), top, _root(tl.sum(acc, axis=0), inv_p, NORM) * scale)
     return tl.where(tl.max(nan, axis=0) > 0, float("nan"), out)
+
+
+@triton.jit
+def _store_coefficients(norms, coef_out, bound, eps, count, RULE: tl.constexpr):
+    """coef_out[i] = the coefficient of norms[i], i < count, one per thread and step (COEF_BLOCK)."""
+    offsets = tl.arange(0, COEF_BLOCK)
+    for i in range(0, count, COEF_BLOCK):
+        mask = i + offsets < count
+        n = tl.load(norms + i + offsets, mask=mask, other=0.0)
+        tl.store(coef_out + i + offsets, _coefficient(n, bound, eps, RULE), mask=mask)
 
 
 @triton.jit
 def _finalize_groups(per_tensor, bound, eps, group_index, count, num_groups, coef_out, group_coef_out,
                      group_norms_out, post_out, p, inv_p, NORM: tl.constexpr, RULE: tl.constexpr,
                      BLOCK_SIZE: tl.constexpr):
-    """Per-group mode: each group's norm from its tensors' norms (scaled by the largest of all), its
-    coefficient, that coefficient stored for each member, and the post-clip norm accumulated group by group
-    (a running scale and scaled sum, so nothing overflows). O(groups x tensors): groups are few."""
+    """Per-group mode: each group's norm from its tensors' norms (scaled by the largest of all), then the
+    groups' coefficients, each tensor's (NaN for a group index out of range) and the post-clip norm, each a
+    pass over what the one before stored. The divisions stay out of the O(groups x tensors) loop: each is a
+    call that makes ptxas spill the registers live across it. Groups are few."""
     offsets = tl.arange(0, BLOCK_SIZE)
     peak = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
     for i in range(0, count, BLOCK_SIZE):
@@ -124,9 +142,7 @@ def _finalize_groups(per_tensor, bound, eps, group_index, count, num_groups, coe
         peak = tl.maximum(peak, tl.where(v != v, 0.0, v))
     top = tl.max(peak, axis=0)
     scale = tl.where((top > 0.0) & (top < float("inf")), top, 1.0)
-    post_scale = tl.zeros([], dtype=tl.float64)
-    post_sum = tl.zeros([], dtype=tl.float64)
-    post_nan = tl.zeros([], dtype=tl.int32)
+    inv_scale = 1.0 / scale  # one division, not one per element
     for g in range(0, num_groups):
         acc = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
         nan = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
@@ -138,42 +154,32 @@ def _finalize_groups(per_tensor, bound, eps, group_index, count, num_groups, coe
             if NORM == 2:
                 acc = tl.maximum(acc, tl.where(v != v, 0.0, v))
             else:
-                acc += _power(tl.where(v != v, 0.0, v) / scale, p, NORM)
+                acc += _power(tl.where(v != v, 0.0, v) * inv_scale, p, NORM)
         if NORM == 2:
             group_norm = tl.max(acc, axis=0)
         else:
             group_norm = tl.where(top == float("inf"), top, _root(tl.sum(acc, axis=0), inv_p, NORM) * scale)
-        group_norm = tl.where(tl.max(nan, axis=0) > 0, float("nan"), group_norm).to(per_tensor.dtype.element_ty)
-        c = _coefficient(group_norm, bound, eps, RULE)
-        tl.store(group_norms_out + g, group_norm)
-        tl.store(group_coef_out + g, c)
-        for i in range(0, count, BLOCK_SIZE):
-            mask = i + offsets < count
-            member = (tl.load(group_index + i + offsets, mask=mask, other=-1) == g) & mask
-            tl.store(coef_out + i + offsets, tl.zeros([BLOCK_SIZE], dtype=c.dtype) + c, mask=member)
-        v = tl.abs(group_norm.to(tl.float64) * c.to(tl.float64))
-        post_nan = tl.maximum(post_nan, tl.where(v != v, 1, 0))
-        v = tl.where(v != v, 0.0, v)
-        if NORM == 2:
-            post_scale = tl.maximum(post_scale, v)
-        else:
-            bigger = v > post_scale
-            ratio = tl.where(bigger, post_scale / tl.where(v > 0.0, v, 1.0),
-                             v / tl.where(post_scale > 0.0, post_scale, 1.0))
-            powered = _power(ratio, p, NORM)
-            post_sum = tl.where(bigger, 1.0 + post_sum * powered, post_sum + powered)
-            post_scale = tl.where(bigger, v, post_scale)
-    if NORM == 2:
-        post = post_scale
-    else:
-        post = tl.where(post_scale == float("inf"), post_scale, _root(post_sum, inv_p, NORM) * post_scale)
-    post = tl.where(post_nan > 0, float("nan"), post)
+        group_norm = tl.where(tl.max(nan, axis=0) > 0, float("nan"), group_norm)
+        tl.store(group_norms_out + g, group_norm.to(group_norms_out.dtype.element_ty))
+    # Each pass reads what the one before stored: the barriers make every thread's stores visible to all.
+    tl.debug_barrier()
+    _store_coefficients(group_norms_out, group_coef_out, bound, eps, num_groups, RULE)
+    tl.debug_barrier()
+    for i in range(0, count, BLOCK_SIZE):
+        mask = i + offsets < count
+        group = tl.load(group_index + i + offsets, mask=mask, other=0)
+        known = mask & (group >= 0) & (group < num_groups)
+        c = tl.load(group_coef_out + group, mask=known, other=float("nan"))
+        tl.store(coef_out + i + offsets, c, mask=mask)
+    post = _clipped_norm(group_norms_out, group_coef_out, num_groups, p, inv_p, NORM, BLOCK_SIZE)
     tl.store(post_out, post.to(post_out.dtype.element_ty))
 
 
-@triton.jit(do_not_specialize=["bound_bits", "eps_bits", "count", "num_groups"])
-def _clip_finalize_kernel(per_tensor, total, bound_ptr, bound_bits, group_index, count, num_groups, coef_out,
-                          group_coef_out, group_norms_out, post_out, p, inv_p, eps_bits, MODE: tl.constexpr,
+@triton.jit(do_not_specialize=["bound_bits", "eps_bits", "count", "num_groups"], do_not_specialize_on_alignment=[
+    "per_tensor", "total", "bound_ptr", "group_index", "coef_out", "group_coef_out", "group_norms_out", "post_out"])
+def _clip_finalize_kernel(per_tensor, total, bound_ptr, bound_bits: tl.int64, group_index, count, num_groups,
+                          coef_out, group_coef_out, group_norms_out, post_out, p, inv_p, eps_bits: tl.int64,
+                          MODE: tl.constexpr,
                           NORM: tl.constexpr, RULE: tl.constexpr, HAS_BOUND_TENSOR: tl.constexpr,
                           BLOCK_SIZE: tl.constexpr):
     eps = _as_float(eps_bits)
@@ -187,12 +193,11 @@ def _clip_finalize_kernel(per_tensor, total, bound_ptr, bound_bits, group_index,
         tl.store(coef_out, c)
         tl.store(post_out, (norm.to(tl.float64) * c.to(tl.float64)).to(post_out.dtype.element_ty))
     elif MODE == 1:
-        offsets = tl.arange(0, BLOCK_SIZE)
-        for i in range(0, count, BLOCK_SIZE):
-            mask = i + offsets < count
-            n = tl.load(per_tensor + i + offsets, mask=mask, other=0.0)
-            tl.store(coef_out + i + offsets, _coefficient(n, bound, eps, RULE), mask=mask)
-        post = _clipped_norm(per_tensor, bound, eps, count, p, inv_p, NORM, RULE, BLOCK_SIZE)
+        _store_coefficients(per_tensor, coef_out, bound, eps, count, RULE)
+        # Read back rather than computed again (a division per norm is a call that makes ptxas spill): the
+        # barrier makes every thread's stores visible to the whole program.
+        tl.debug_barrier()
+        post = _clipped_norm(per_tensor, coef_out, count, p, inv_p, NORM, BLOCK_SIZE)
         tl.store(post_out, post.to(post_out.dtype.element_ty))
     else:
         _finalize_groups(per_tensor, bound, eps, group_index, count, num_groups, coef_out, group_coef_out,
@@ -200,10 +205,11 @@ def _clip_finalize_kernel(per_tensor, total, bound_ptr, bound_bits, group_index,
 
 
 @triton.jit(do_not_specialize=["slot", "size", "growth_bits", "backoff_bits", "interval", "hysteresis", "min_bits",
-                               "max_bits"])
-def _scaler_update_kernel(state, history, found_ptr, norm_ptr, slot, size, growth_bits, backoff_bits, interval,
-                          hysteresis, min_bits, max_bits, HAS_FOUND: tl.constexpr, HAS_NORM: tl.constexpr,
-                          DYNAMIC: tl.constexpr):
+                               "max_bits"],
+            do_not_specialize_on_alignment=["state", "history", "found_ptr", "norm_ptr"])
+def _scaler_update_kernel(state, history, found_ptr, norm_ptr, slot, size, growth_bits: tl.int64,
+                          backoff_bits: tl.int64, interval, hysteresis, min_bits: tl.int64, max_bits: tl.int64,
+                          HAS_FOUND: tl.constexpr, HAS_NORM: tl.constexpr, DYNAMIC: tl.constexpr):
     """state: float32 [scale, inv_scale, growth tracker, hysteresis tracker]; history: float32 [3, size]."""
     scale = tl.load(state)
     found = float("nan")
@@ -234,7 +240,8 @@ def _scaler_update_kernel(state, history, found_ptr, norm_ptr, slot, size, growt
     tl.store(history + 2 * size + slot, norm)
 
 
-@triton.jit(do_not_specialize=["count", "coef_count"])
+@triton.jit(do_not_specialize=["count", "coef_count"],
+            do_not_specialize_on_alignment=["counters", "layer_stats", "per_tensor", "coef", "found_ptr"])
 def _clip_stats_kernel(counters, layer_stats, per_tensor, coef, found_ptr, count, coef_count,
                        HAS_LAYERS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """counters: float64 [clipped, skipped]; layer_stats: float64 [3, count] (sum, max, last)."""
@@ -273,14 +280,15 @@ def clip_finalize_triton(per_tensor: torch.Tensor, total: torch.Tensor, max_norm
     group_coef = torch.empty(groups, dtype=dtype, device=device)
     group_norms = torch.empty(groups, dtype=dtype, device=device)
     post = torch.empty((), dtype=dtype, device=device)
-    kind = _norm_kind(norm_type)
+    # The global mode reads no norm kind and no group index: one variant, whatever the caller passes.
+    kind = _norm_kind(norm_type) if mode != 0 else 0
     bound_tensor = isinstance(max_norm, torch.Tensor)
     _clip_finalize_kernel[(1,)](
         per_tensor, total, max_norm if bound_tensor else total, 0 if bound_tensor else float_bits(float(max_norm)),
-        group_index if group_index is not None else per_tensor, count, groups, coef, group_coef, group_norms, post,
+        group_index if mode == 2 else per_tensor, count, groups, coef, group_coef, group_norms, post,
         float(norm_type) if kind == NORM_P else 1.0, 1.0 / norm_type if kind == NORM_P else 1.0,
         float_bits(float(eps)), MODE=mode, NORM=kind, RULE=rule, HAS_BOUND_TENSOR=int(bound_tensor),
-        BLOCK_SIZE=BLOCK,
+        BLOCK_SIZE=CLIP_BLOCK,
     )
     return coef, group_coef, group_norms, post
 

@@ -1,6 +1,6 @@
 """Backends: one adapter module per way of running the op contract of :mod:`ampclip.ops`.
 
-Each adapter module (``reference.py``, ``cpp.py``, ``triton.py``) has a ``load()`` that returns a
+Each adapter module (``reference.py``, ``cpp.py``, ``triton.py``, ``cuda.py``) has a ``load()`` that returns a
 :class:`Backend`, or raises :class:`Unavailable` saying why it cannot run here. Only :mod:`ampclip.ops` and
 the adapters import the compiled extension or ``ampclip.triton_kernels``; the public layer reaches a backend
 through ``ops`` alone. Adding a backend is its kernels, one adapter module and its name in ``NAMES``.
@@ -17,7 +17,7 @@ __all__ = ["NAMES", "SUPPORTED_DTYPES", "Backend", "Unavailable", "available", "
            "unavailable_reason"]
 
 # Every backend ampclip knows, in the order `ampclip env` lists them.
-NAMES = ("reference", "cpp", "triton")
+NAMES = ("reference", "cpp", "triton", "cuda")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -96,3 +96,9 @@ def tensor_signature(tensors):
     """``(hash, bytes)`` that change when any tensor's data pointer, size, dtype, device, sizes or strides do
     (not its identity); None without the extension or for tensor subclasses."""
     return None if _C is None else _C.tensor_signature(tensors)
+
+
+def cuda_archs() -> tuple:
+    """The GPU code the extension's CUDA kernels hold, named as ``torch.cuda.get_arch_list()`` names it
+    (``'sm_90'`` machine code, ``'compute_90'`` PTX); () without the extension or without its CUDA kernels."""
+    return tuple(_C.cuda_archs()) if _C is not None and hasattr(_C, "cuda_archs") else ()

@@ -12,7 +12,9 @@ arguments on 16-byte alignment; unaligned sections would compile extra variants)
 
     ptrs[T]         data pointer of tensor t (or of its staging buffer when t is not contiguous)
     numels[T]       elements of tensor t (int64: a tensor may pass 2^31 elements)
-    codes[T]        dtype code of tensor t (DTYPE_CODES)
+    codes[T]        dtype code of tensor t (DTYPE_CODES), plus ALIGNED when its data address and every
+                    chunk's start are 16-byte aligned (the Triton kernels then read whole blocks in 128-bit
+                    loads, with no mask; the CUDA C++ kernels split each chunk at run time and ignore the bit)
     chunk_begin[T+1] first chunk of tensor t; the chunks of t are chunk_begin[t] .. chunk_begin[t+1]
     chunk_tensor[C] the tensor of chunk c; its first element is (c - chunk_begin[t]) * CHUNK
 
@@ -62,6 +64,11 @@ CHUNK = 32768  # elements per program: 64 KiB of fp16, 32 iterations of a 1024-w
 # a program's start-up; GPT-2 1.5B (1.56e9 elements) is ~48K programs, plenty for 132 SMs.
 CACHE_SIZE = 64  # distinct gradient lists kept (tables used in a CUDA-graph capture are kept apart)
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+# Set in codes[t] when tensor t's data address and chunk * itemsize are multiples of 16 bytes, so that every
+# chunk, and every whole block in it, starts 16-byte aligned. Allocations are (the caching allocator aligns to
+# 512 bytes); a view with an odd storage offset is not, and is read with masked loads.
+ALIGNED = 4
+VECTOR_BYTES = 16
 _data_ptr = torch.Tensor.data_ptr
 
 
@@ -74,7 +81,7 @@ class TensorTable:
 
     __slots__ = ("key", "signature", "buffer", "dev_ptrs", "numels", "codes", "chunk_begin", "chunk_tensor",
                  "num_tensors", "num_chunks", "chunk", "has_fp64", "staging", "expanded", "aliased", "_refs",
-                 "__weakref__")
+                 "_exact", "__weakref__")
 
     def __init__(self, key, signature, grads: list[torch.Tensor], chunk: int, watch_lifetimes: bool):
         check_grads(grads)  # bad input is an error before any kernel runs
@@ -104,14 +111,26 @@ class TensorTable:
         sections = list(host.split(sizes))
         sections[0][:n] = torch.tensor(ptrs, dtype=torch.int64) if n else 0
         sections[1][:n] = torch.tensor(numels, dtype=torch.int64) if n else 0
-        sections[2][:n] = torch.tensor([DTYPE_CODES[g.dtype] for g in grads], dtype=torch.int64) if n else 0
+        codes = [DTYPE_CODES[g.dtype] | (ALIGNED if _aligned(ptr, chunk * g.element_size()) else 0)
+                 for g, ptr in zip(grads, ptrs)]
+        sections[2][:n] = torch.tensor(codes, dtype=torch.int64) if n else 0
         sections[3][: n + 1] = begin
         sections[4][:c] = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), counts)
         self.buffer = host.to(device)  # one copy; a synchronous one from pageable memory, on a miss only
         self.dev_ptrs, self.numels, self.codes, self.chunk_begin, self.chunk_tensor = self.buffer.split(sizes)
+        self._exact = None
         # Dropped when a tensor dies: an identity-based signature is void then, and staging buffers are as
         # large as their gradients. Weak references only: the cache must never keep a gradient alive.
         self._refs = [weakref.ref(g, self._drop) for g in grads] if watch_lifetimes or self.staging else []
+
+    def exact_sections(self) -> tuple[torch.Tensor, ...]:
+        """``(ptrs[:T], numels[:T], codes[:T], chunk_begin[:T + 1], chunk_tensor[:C])``: the five sections at
+        their exact lengths (views of the buffer, made once), as the CUDA C++ kernels take them."""
+        if self._exact is None:
+            n, c = self.num_tensors, self.num_chunks
+            self._exact = (self.dev_ptrs[:n], self.numels[:n], self.codes[:n], self.chunk_begin[: n + 1],
+                           self.chunk_tensor[:c])
+        return self._exact
 
     def _drop(self, _ref) -> None:
         if _cache.get(self.key) is self:
@@ -126,6 +145,10 @@ class TensorTable:
         """Copies the staging buffers back into their non-contiguous gradients."""
         for i, buf in self.staging:
             grads[i].copy_(buf)
+
+
+def _aligned(ptr: int, chunk_bytes: int) -> bool:
+    return ptr % VECTOR_BYTES == 0 and chunk_bytes % VECTOR_BYTES == 0
 
 
 def _share_memory(grads: list[torch.Tensor]) -> bool:

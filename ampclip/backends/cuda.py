@@ -1,0 +1,111 @@
+"""The ``cuda`` backend: the CUDA C++ kernels of ``csrc/cuda/`` (``cuda_norm_pass``, ``cuda_scale_pass`` and
+``cuda_clip_finalize``, entries of ``ampclip._C`` when it was built with a CUDA toolkit and a CUDA build of
+torch), on CUDA tensors, for sm_80 and newer.
+
+The default on CUDA tensors where Triton cannot be imported (its priority is below the ``triton`` backend's);
+``backend="cuda"`` picks it anywhere it is built. Like the Triton adapter, this one owns what the kernels
+should not know about: the cached tensor table of each gradient list (``tensor_table.py``, the same cache, so
+both backends share a list's table), the staging of non-contiguous gradients, gradients that must not be
+written in place (expanded) or that share memory (scaled one after the other), and the conversion of the
+scalars the kernels take as one-element device tensors. The C++ host functions check every argument before
+they allocate or launch. ``scaler_update`` and ``clip_stats_update`` are the reference's torch ops (the base
+class's), a handful of device ops each.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Backend, Unavailable
+from . import cpp as _cpp
+from .tensor_table import tensor_table
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _on(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a ``dtype`` tensor on ``device``: itself when it already is one."""
+    return t if t.device == device and t.dtype == dtype else t.to(device=device, dtype=dtype)
+
+
+def _float32(t, device):
+    """inv_scale and found_inf: one float32 element on the table's device (GradScaler's own dtype; a float64
+    inv_scale is rounded to float32)."""
+    return None if t is None else _on(t, device, torch.float32)
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    device_types = frozenset({"cuda"})
+    priority = 15  # below triton (20): Triton is the default on CUDA tensors wherever it can be imported
+    validates_inputs = True  # the table checks dtypes, layouts and devices; the C++ host functions the rest
+
+    def __init__(self, ext):
+        self._C = ext
+
+    def norm_pass(self, grads, inv_scale, norm_type, clamp):
+        if not norm_type > 0:
+            raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
+        table = tensor_table(grads)
+        table.stage_in(grads)
+        device = table.buffer.device
+        lo, hi = clamp if clamp is not None else (None, None)
+        return self._C.cuda_norm_pass(*table.exact_sections(), table.chunk, table.has_fp64,
+                                      _float32(inv_scale, device), float(norm_type), lo, hi)
+
+    def scale_pass(self, grads, coef, inv_scale, clamp, found_inf, zero_if_inf):
+        table = tensor_table(grads)
+        if table.expanded is not None:
+            raise ValueError(f"gradient {table.expanded} has elements that share memory (an expanded, stride-0 "
+                             "tensor): it cannot be written in place; clone it first")
+        if table.aliased:  # one tensor after the other, each reading what the ones before it wrote
+            coefs = coef.reshape(-1).expand(len(grads)) if coef.numel() == 1 else coef.reshape(-1)
+            for i, g in enumerate(grads):
+                self.scale_pass([g], coefs[i], inv_scale, clamp, found_inf, zero_if_inf)
+            return
+        if coef.numel() not in (1, table.num_tensors):
+            raise ValueError(f"coef must hold 1 or {table.num_tensors} elements, got {coef.numel()}")
+        device = table.buffer.device
+        # float32 or float64, 0-d or [T] (a float16/bfloat16 coefficient widens exactly to float32)
+        coef = _on(coef, device, torch.float64 if coef.dtype == torch.float64 else torch.float32)
+        if coef.numel() != 1:
+            coef = coef.reshape(-1)
+        table.stage_in(grads)
+        lo, hi = clamp if clamp is not None else (None, None)
+        self._C.cuda_scale_pass(grads, *table.exact_sections(), table.chunk, coef, _float32(inv_scale, device), lo, hi,
+                                _float32(found_inf, device), bool(zero_if_inf))
+        table.stage_out(grads)
+
+    def clip_finalize(self, per_tensor, total, max_norm, mode, group_index, num_groups, norm_type, eps, rule):
+        device = per_tensor.device
+        fits = (  # a wrong device is the kernel's clear error; these are inputs the reference handles
+            per_tensor.dtype in _FLOATS
+            and per_tensor.dim() == 1
+            and per_tensor.numel() >= 1
+            and total.numel() == 1
+            and total.dtype == per_tensor.dtype
+            and 0.0 <= eps < float("inf")
+            and (mode != 2 or (group_index is not None and num_groups >= 1))
+        )
+        if not fits:  # no norm at all, norms of two dtypes: the reference's torch ops
+            return super().clip_finalize(per_tensor, total, max_norm, mode, group_index, num_groups, norm_type, eps,
+                                         rule)
+        if isinstance(max_norm, torch.Tensor):
+            bound = max_norm if max_norm.device == device and max_norm.dtype in _FLOATS else max_norm.to(
+                device=device, dtype=torch.float64)
+        else:
+            bound = torch.full((), float(max_norm), dtype=torch.float64, device=device)  # a fill kernel: no copy
+        groups = _on(group_index, device, torch.int64).contiguous() if mode == 2 else None
+        return self._C.cuda_clip_finalize(per_tensor.contiguous(), total, bound, int(mode), groups,
+                                          int(num_groups) if mode == 2 else 0, float(norm_type), float(eps),
+                                          int(rule))
+
+
+def load() -> Backend:
+    ext = _cpp._C
+    if ext is None:
+        raise Unavailable(f"the compiled extension ampclip._C is not loaded ({_cpp.ERROR})")
+    if not hasattr(ext, "cuda_norm_pass"):
+        raise Unavailable("ampclip._C was built without its CUDA kernels (they build with a CUDA toolkit and a CUDA "
+                          "build of torch, unless AMPCLIP_SKIP_CUDA_BUILD=1; see docs/install.md)")
+    return CudaBackend(ext)
