@@ -187,8 +187,8 @@ AMPCLIP_HD T clip_coefficient(T n, T max_norm, T eps, ClipRule rule) {
     const T c = T(1) / (n + eps) * max_norm;
     return c > T(1) ? T(1) : c;
   }
-  const T d = n + eps;
-  return max_norm / (d < max_norm ? max_norm : d);
+  const T d = n + eps;  // max_norm / max(d, max_norm): 1 when d <= max_norm, also for an infinite max_norm
+  return (d > max_norm || d != d || max_norm != max_norm) ? max_norm / d : T(1);
 }
 
 // A p-norm of non-negative values computed as m * (sum (x / m)^p)^(1/p) with m their max, in double, so that
