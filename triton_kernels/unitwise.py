@@ -102,7 +102,7 @@ def _unit_norm_kernel(table_ptrs, table_codes, seg_tensor, seg_start, seg_len, s
     n = tl.load(seg_len + pid)
     slot = tl.load(seg_slot + pid)
     length = tl.load(row_len + t)
-    code = tl.load(table_codes + t)
+    code = tl.load(table_codes + t) & 3  # the dtype code, without the table's ALIGNED bit
     addr = tl.load(table_ptrs + t)
     inv = 1.0
     if HAS_INV:
@@ -252,7 +252,7 @@ def _unit_scale_kernel(table_ptrs, table_codes, seg_tensor, seg_start, seg_len, 
         n = tl.load(seg_len + pid)
         unit = tl.load(seg_unit + pid)
         length = tl.load(row_len + t)
-        code = tl.load(table_codes + t)
+        code = tl.load(table_codes + t) & 3  # the dtype code, without the table's ALIGNED bit
         addr = tl.load(table_ptrs + t)
         inv = 1.0
         if HAS_INV:
