@@ -4,42 +4,18 @@
 // (tensor subclasses, tensors with a Python dispatch key, an active TorchDispatchMode): the adapter then calls
 // the registered op (ampclip/ops.py), which unwraps the input and comes back here.
 
-#include <Python.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
-#include <torch/csrc/autograd/python_variable.h>
-#include <torch/csrc/utils/pybind.h>
 
 #include <optional>
 #include <vector>
 
 #include "cpu/adaptive_cpu.h"
+#include "python_args.h"
 
 namespace ampclip {
 namespace {
 
-// Passes over at least this many elements let other Python threads run meanwhile (as python_entry.cpp).
-constexpr int64_t kReleaseGilFrom = 1 << 20;
-
-bool modes_active() { return c10::impl::TorchDispatchModeTLS::any_modes_set(); }
-
-bool is_plain(PyObject* obj) {
-  return THPVariable_CheckExact(obj) && !THPVariable_Unpack(obj).key_set().has(c10::DispatchKey::Python);
-}
-
-bool tensor_arg(PyObject* obj, at::Tensor& out) {
-  if (!is_plain(obj)) return false;
-  out = THPVariable_Unpack(obj);
-  return true;
-}
-
-bool optional_tensor(PyObject* obj, std::optional<at::Tensor>& out) {
-  if (obj == Py_None) return true;
-  at::Tensor t;
-  if (!tensor_arg(obj, t)) return false;
-  out = std::move(t);
-  return true;
-}
+using namespace py;
 
 // The tensors of a list or tuple of plain tensors; false when one needs the dispatcher.
 bool tensor_list(PyObject* seq, std::vector<at::Tensor>& out, int64_t& numel) {
@@ -54,20 +30,6 @@ bool tensor_list(PyObject* seq, std::vector<at::Tensor>& out, int64_t& numel) {
     numel += out.back().numel();
   }
   return true;
-}
-
-bool check_nargs(Py_ssize_t nargs, Py_ssize_t expected, const char* signature) {
-  if (nargs == expected) return true;
-  PyErr_Format(PyExc_TypeError, "%s takes %zd arguments, got %zd", signature, expected, nargs);
-  return false;
-}
-
-// Runs fn(), without the GIL over large tensors (the vector `held` keeps them alive meanwhile).
-template <typename Fn>
-auto run_releasing_gil_if_large(int64_t numel, Fn fn) {
-  if (numel < kReleaseGilFrom) return fn();
-  pybind11::gil_scoped_release no_gil;
-  return fn();
 }
 
 // unit_norm_pass(tensors, inv_scale, norm_type) -> (unit_norms, per_tensor, total, found_inf) | None

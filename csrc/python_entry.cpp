@@ -9,16 +9,13 @@
 // its input needs the dispatcher first (tensor subclasses, tensors with a Python dispatch key, an active
 // TorchDispatchMode): the adapter then calls the registered op, which unwraps the input and comes back here.
 
-#include <Python.h>
 #include <ATen/MemoryOverlap.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
-#include <torch/csrc/autograd/python_variable.h>
-#include <torch/csrc/utils/pybind.h>
 
 #include <vector>
 
 #include "cpu/fused_clip_cpu.h"
+#include "python_args.h"
 #ifdef AMPCLIP_WITH_CUDA
 #include "cuda/python_cuda.h"
 #endif
@@ -26,20 +23,15 @@
 namespace ampclip {
 namespace {
 
-// Passes over at least this many elements (about 1 ms on one core) let other Python threads, a data
-// loader's for one, run meanwhile. Below it, taking a reference to every tensor would cost more than it frees.
-constexpr int64_t kReleaseGilFrom = 1 << 20;
+using namespace py;
 
-// Runs fn(), without the GIL when the gradients are large. hold() lists the tensors to keep alive for the
-// time: without the GIL another thread could drop the last reference to one mid-pass.
+// Runs fn(), without the GIL when the gradients are large; hold() lists the tensors to keep alive meanwhile.
 template <typename Hold, typename Fn>
 auto run_releasing_gil_if_large(const CpuGrads& grads, Hold hold, Fn fn) {
   int64_t numel = 0;
   for (const auto& span : grads.spans) numel += span.numel;
-  if (numel < kReleaseGilFrom) return fn();
-  const std::vector<at::Tensor> held = hold();
-  pybind11::gil_scoped_release no_gil;
-  return fn();
+  const std::vector<at::Tensor> held = numel >= kReleaseGilFrom ? hold() : std::vector<at::Tensor>{};
+  return py::run_releasing_gil_if_large(numel, fn);
 }
 
 // The tensors of a list or tuple that gather_list accepted, for run_releasing_gil_if_large.
@@ -49,27 +41,6 @@ std::vector<at::Tensor> tensors_of(PyObject* seq) {
     out.push_back(THPVariable_Unpack(PySequence_Fast_GET_ITEM(seq, i)));
   }
   return out;
-}
-
-// A plain tensor: Tensor or Parameter, with no Python dispatch key (a tensor subclass or a fake tensor).
-bool is_plain(PyObject* obj) {
-  return THPVariable_CheckExact(obj) && !THPVariable_Unpack(obj).key_set().has(c10::DispatchKey::Python);
-}
-
-// A plain tensor -> it; false for anything else (the dispatcher handles it, or gives the error).
-bool tensor_arg(PyObject* obj, at::Tensor& out) {
-  if (!is_plain(obj)) return false;
-  out = THPVariable_Unpack(obj);
-  return true;
-}
-
-// None -> nullopt, a plain tensor -> it; false for anything else.
-bool optional_tensor(PyObject* obj, std::optional<at::Tensor>& out) {
-  if (obj == Py_None) return true;
-  at::Tensor t;
-  if (!tensor_arg(obj, t)) return false;
-  out = std::move(t);
-  return true;
 }
 
 // None -> nullopt, a (lo, hi) pair of numbers -> it. A Python error is set on failure.
@@ -84,12 +55,6 @@ bool clamp_arg(PyObject* obj, std::optional<Clamp>& out) {
   if (PyErr_Occurred()) return false;
   out = Clamp{lo, hi};
   return true;
-}
-
-bool check_nargs(Py_ssize_t nargs, Py_ssize_t expected, const char* signature) {
-  if (nargs == expected) return true;
-  PyErr_Format(PyExc_TypeError, "%s takes %zd arguments, got %zd", signature, expected, nargs);
-  return false;
 }
 
 // The tensors of a list or tuple, checked and gathered; false when one needs the dispatcher.
@@ -107,8 +72,6 @@ bool gather_list(PyObject* seq, bool writable, const char* op, CpuGrads& out) {
   for (Py_ssize_t i = 0; i < count; ++i) out.add(THPVariable_Unpack(items[i]), writable);
   return true;
 }
-
-bool modes_active() { return c10::impl::TorchDispatchModeTLS::any_modes_set(); }
 
 // norm_pass(grads, inv_scale, norm_type, clamp) -> (per_tensor_norms, total_norm, found_inf) | None
 PyObject* norm_pass(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {

@@ -22,7 +22,7 @@ than its unmasked full-block loops need (per dtype branch: BLOCK x itemsize / (t
 pass's stores likewise), or when a kernel's specialisation flags change. Compiles run in a
 process pool on a fresh cache (cold).
 
-Usage: python scripts/triton_check.py [--arch 80,90] [--jobs N] [--verbose]
+Usage: python scripts/triton_check.py [--arch 80,90] [--jobs N] [--verbose] [--only TEXT]
 Run it with another Triton first on PYTHONPATH to check that one (make cuda-check does 3.6 too).
 """
 
@@ -60,6 +60,11 @@ KERNELS = {
     "_clip_finalize_kernel": "small_ops",
     "_scaler_update_kernel": "small_ops",
     "_clip_stats_kernel": "small_ops",
+    "_unit_norm_kernel": "unitwise",
+    "_unit_finalize_kernel": "unitwise",
+    "_unit_scale_kernel": "unitwise",
+    "_unit_clip_finalize_kernel": "unitwise",
+    "_zclip_kernel": "zclip",
 }
 DTYPE_CONSTEXPRS = {"tl.float32", "tl.float64"}  # constexpr values that name a Triton dtype
 TORCH_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64", "int64": "i64",
@@ -73,17 +78,25 @@ RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-# Spills that may appear without failing the check: (kernel, Triton version prefix, arch, at most bytes, why).
+# Spills that may appear without failing the check: (kernel, Triton version prefix, arch or None for any,
+# at most bytes, why).
 ALLOWED_SPILLS = [
     ("_clip_finalize_kernel", "3.6.", 90, 16,
      "ptxas 12.8 (Triton 3.6) keeps one register in memory across the call to the IEEE division's slow path in "
      "one per-group variant (MODE=2, NORM=0, RULE=0) of this one-program bookkeeping kernel: one store at entry, "
      "one load after the call; Triton 3.9's ptxas does not"),
+    ("_zclip_kernel", "3.6.", 90, 16,
+     "the same in ZClip's one-program step: three registers stored before the float64 divisions' slow-path "
+     "calls and loaded after them, once a step; Triton 3.9's ptxas does not"),
+    ("_unit_norm_kernel", "", None, 16,
+     "in a few variants, which change with the Triton version, ptxas stops at 96 registers and keeps one "
+     "4-byte value in memory outside the element loops (in the SASS: stored once per program, loaded once per "
+     "unit)"),
 ]
 
 
 def allowed_spill(spec: "Spec", arch: int, version: str, spilled: int) -> bool:
-    return any(spec.kernel == kernel and version.startswith(prefix) and arch == at and spilled <= limit
+    return any(spec.kernel == kernel and version.startswith(prefix) and at in (None, arch) and spilled <= limit
                for kernel, prefix, at, limit, _ in ALLOWED_SPILLS)
 
 
@@ -107,6 +120,7 @@ def _module_constants() -> dict:
     (no import of ampclip: the check needs triton and the source tree only)."""
     values = {}
     for name, path in (("fused_norm", KERNEL_DIR / "fused_norm.py"), ("small_ops", KERNEL_DIR / "small_ops.py"),
+                       ("unitwise", KERNEL_DIR / "unitwise.py"), ("zclip", KERNEL_DIR / "zclip.py"),
                        ("tensor_table", ROOT / "ampclip" / "backends" / "tensor_table.py")):
         for node in ast.parse(path.read_text()).body:
             if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
@@ -178,6 +192,55 @@ def specializations() -> list[Spec]:
             ("counters", "*fp64"), ("layer_stats", "*fp64"), ("per_tensor", f"*{norms}"), ("coef", f"*{coef}"),
             ("found_ptr", "*fp32"), ("count", "i32"), ("coef_count", "i32"),
         ], dict(HAS_LAYERS=has_layers, BLOCK_SIZE=small_block))
+    specs += _unitwise_specializations(c)
+    return list(dict.fromkeys(specs))  # the unit-wise norm's finalizes are some of the norm pass's
+
+
+def _unitwise_specializations(c: dict) -> list[Spec]:
+    """AGC's unit-wise passes (unitwise.py; their per-tensor and total finalizes are fused_norm's, listed above)
+    and ZClip's step (zclip.py). The layout's sections are int64; unit norms and coefficients float32 or float64.
+    """
+    layout = [(n, "*i64") for n in ("seg_tensor", "seg_start", "seg_len")]
+    specs = []
+
+    def add(kernel, types, constexprs):
+        specs.append(Spec(kernel, tuple(types), tuple(constexprs.items())))
+
+    for acc, norm, has_inv in product(("fp32", "fp64"), range(4), (0, 1)):
+        add("_unit_norm_kernel", [("table_ptrs", "*i64"), ("table_codes", "*i64")] + layout + [
+            ("seg_slot", "*i64"), ("row_len", "*i64"), ("inv_scale_ptr", "*fp32" if has_inv else "*i64"),
+            ("partial_out", "*fp64"), ("flag_out", "*fp64"), ("p", "fp32"),
+        ], dict(ACC=f"tl.float{acc[2:]}", MAX_FINITE=FP64_MAX if acc == "fp64" else FP32_MAX, NORM=norm,
+                HAS_INV=has_inv, WIDEN=int(acc == "fp32" and norm != 2), BLOCK_SIZE=c["unitwise.BLOCK"]))
+        if not has_inv:
+            add("_unit_finalize_kernel", [
+                ("partials", "*fp64"), ("flags", "*fp64"), ("unit_slot_begin", "*i64"), ("num_units", "i32"),
+                ("max_slots", "i32"), ("norm_out", f"*{acc}"), ("acc_out", "*fp64"), ("flag_out", "*fp64"),
+                ("inv_p", "fp32"),
+            ], dict(NORM=norm, BLOCK_SIZE=c["unitwise.UNIT_BLOCK"]))
+            add("_tensor_finalize_kernel", [
+                ("partials", "*fp64"), ("flags", "*fp64"), ("chunk_begin", "*i64"), ("norm_out", f"*{acc}"),
+                ("acc_out", "*fp64"), ("flag_out", "*fp64"), ("inv_p", "fp32"),
+            ], dict(NORM=norm, BLOCK_SIZE=c["unitwise.TENSOR_BLOCK"]))
+    for coef, has_inv, (has_found, zero) in product(("fp32", "fp64"), (0, 1), ((0, 0), (1, 0), (1, 1))):
+        add("_unit_scale_kernel", [("table_ptrs", "*i64"), ("table_codes", "*i64")] + layout + [
+            ("seg_unit", "*i64"), ("row_len", "*i64"), ("coef_ptr", f"*{coef}"),
+            ("inv_scale_ptr", "*fp32" if has_inv else f"*{coef}"),
+            ("found_inf_ptr", "*fp32" if has_found else f"*{coef}"),
+        ], dict(HAS_INV=has_inv, HAS_FOUND=has_found, ZERO_IF_INF=zero, SOFT_BF16=0,
+                BLOCK_SIZE=c["unitwise.BLOCK"]))
+    for params, grads, norm in product(("fp32", "fp64"), ("fp32", "fp64"), range(4)):
+        add("_unit_clip_finalize_kernel", [
+            ("param_norms", f"*{params}"), ("grad_norms", f"*{grads}"), ("coef_out", f"*{grads}"),
+            ("post_out", f"*{grads}"), ("count", "i32"), ("factor_bits", "i64"), ("eps_bits", "i64"), ("p", "fp32"),
+            ("inv_p", "fp32"),
+        ], dict(NORM=norm, BLOCK_SIZE=c["unitwise.TOTAL_BLOCK"]))
+    for total, rule, skip in product(("fp32", "fp64"), range(3), (0, 1)):
+        add("_zclip_kernel", [
+            ("state", "*fp64"), ("warmup", "*fp64"), ("total_ptr", f"*{total}"), ("found_ptr", "*fp32"),
+            ("bound_out", f"*{total}"), ("size", "i32"),
+        ] + [(n, "i64") for n in ("alpha_bits", "z_bits", "cap_bits", "eps_bits", "factor_bits", "no_clip_bits")],
+            dict(RULE=rule, SKIP_ON_SPIKE=skip, BLOCK_SIZE=c["zclip.BLOCK"]))
     return specs
 
 
@@ -362,6 +425,7 @@ def main() -> int:
     parser.add_argument("--arch", default=DEFAULT_ARCHS, help="comma-separated SM versions (default 80,90)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: cores)")
     parser.add_argument("--verbose", action="store_true", help="one line per compiled variant")
+    parser.add_argument("--only", default="", help="compile the variants whose label contains this text")
     args = parser.parse_args()
     archs = [int(a) for a in args.arch.split(",") if a.strip()]
 
@@ -374,9 +438,10 @@ def main() -> int:
     for name, fn in load_kernels().items():
         failures += specialisation_flags_problems(name, fn, dict(next(s.types for s in specs if s.kernel == name)))
     # the heavy kernels first, so that the pool ends evenly
-    jobs = sorted(((s, a) for s in specs for a in archs),
+    chosen = [s for s in specs if args.only in s.label()]
+    jobs = sorted(((s, a) for s in chosen for a in archs),
                   key=lambda j: j[0].kernel not in ("_fused_norm_kernel", "_fused_scale_kernel"))
-    print(f"{len(specs)} specialisations x {len(archs)} archs = {len(jobs)} compiles on {args.jobs} processes")
+    print(f"{len(chosen)} specialisations x {len(archs)} archs = {len(jobs)} compiles on {args.jobs} processes")
     cache = tempfile.mkdtemp(prefix="ampclip-triton-check-")  # cold: nothing compiled before is reused
     started = time.monotonic()
     try:

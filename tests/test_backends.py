@@ -131,10 +131,12 @@ def test_scale_pass_bitwise_equals_reference(backend, dtypes, clip_value):
     twin = clone_all(grads)
     coef = torch.tensor(0.37, dtype=torch.float64 if torch.float64 in dtypes else torch.float32)
     inv = torch.tensor(0.5)
+    versions = [g._version for g in grads]
     ops.scale_pass(grads, coef, inv, clip_value, backend=backend)
     ops.scale_pass(twin, coef, inv, clip_value, backend="reference")
     for a, b in zip(grads, twin):
         assert bitwise_equal(a, b)
+    assert all(g._version > v for g, v in zip(grads, versions) if g.numel())  # autograd learns of every write
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -69,7 +69,7 @@ def test_unit_norm_pass_matches_fp64(backend, norm_type, dtypes, unscale):
 def test_unit_norm_pass_matches_fp64_triton(norm_type, dtypes, unscale, monkeypatch):
     from ampclip.triton_kernels import unitwise
 
-    monkeypatch.setattr(unitwise, "SCRATCH_FILL", math.nan)  # an unwritten slot would poison a norm
+    monkeypatch.setattr(unitwise.fused_norm, "SCRATCH_FILL", math.nan)  # an unwritten slot would poison a norm
     tensors = random_grads(UNIT_SHAPES, dtypes, scale=3.0, noncontiguous_every=3)
     _check_norms(tensors, norm_type, unscale, "triton", 5e-5 if norm_type == 3.0 else 2e-6)
 
@@ -97,8 +97,10 @@ def test_unit_found_inf_is_exact(backend, value, where):
     assert not math.isfinite(per_tensor[index].item()) and not math.isfinite(total.item())
     # a finite value whose square overflows float32 is not inf/NaN, and its norm is right
     big = [torch.full((3, 100), 1e20), torch.randn(5)]
+    big[0][1] = torch.randn(100)  # only rows 0 and 2 overflow: each row is re-summed on its own
     units, _, total, found_inf = ops.unit_norm_pass(big, None, 2.0, backend=backend)
-    assert found_inf.item() == 0.0 and rel_close(units[0].item(), 1e21, 1e-6)
+    assert found_inf.item() == 0.0 and rel_close(units[0].item(), 1e21, 1e-6) and rel_close(units[2].item(), 1e21, 1e-6)
+    assert rel_close(units[1].item(), big[0][1].double().norm().item(), 1e-5)
     # an unscale that overflows is caught: the check sees the unscaled values
     assert ops.unit_norm_pass([torch.full((2, 2), 3e38)], torch.tensor(4.0), 2.0, backend=backend)[3].item() == 1.0
 

@@ -15,62 +15,41 @@ a unit longer than that. The norm pass is four launches:
 3. ``_tensor_finalize_kernel``, one program per tensor: its units' accumulators in order.
 4. ``_total_finalize_kernel``, one program: the tensors' accumulators in order, and found_inf.
 
-Deterministic (no atomics, fixed reduction trees) and exact about inf/NaN, as ``fused_norm.py``, whose
-arithmetic these kernels follow (they are kept apart so that either file can change alone).
+Deterministic (no atomics, fixed reduction trees) and exact about inf/NaN: the element arithmetic, the
+fixed-order reductions and the last two launches are ``fused_norm.py``'s own, the coefficient arithmetic
+``small_ops.py``'s.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from . import fused_norm
+from .fused_norm import (
+    _FP32_MAX,
+    _FP64_MAX,
+    NORM_INF,
+    NORM_P,
+    _chunk_partial,
+    _norm_kind,
+    _root,
+    _tensor_finalize_kernel,
+    _total_finalize_kernel,
+    float_bits,
+)
+from .small_ops import COEF_BLOCK, _as_float, _clipped_norm, _divide
+
 BLOCK = 1024  # elements per loop step
 UNIT_BLOCK = 1024  # units per program of the unit finalize
 TENSOR_BLOCK = 256  # units per step of the per-tensor finalize
 TOTAL_BLOCK = 1024  # tensors (or units) per step of the one-program reductions
-NORM_L2, NORM_L1, NORM_INF, NORM_P = 0, 1, 2, 3
-# Tests set this to float("nan") to poison the scratch buffers, proving every slot is written before read.
-SCRATCH_FILL: Optional[float] = None
-_FP32_MAX = torch.finfo(torch.float32).max
-_FP64_MAX = torch.finfo(torch.float64).max
 # The interpreter truncates float32 -> bfloat16; the GPU rounds to nearest even (see fused_scale.py).
 _SOFT_BF16 = int(os.environ.get("TRITON_INTERPRET") == "1")
-
-
-@triton.jit
-def _partial(base, start, n, inv, p, ACC: tl.constexpr, MAX_FINITE: tl.constexpr, NORM: tl.constexpr,
-             HAS_INV: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """(partial as float64, flag) of elements start .. start+n of ``base``, accumulated in ACC."""
-    acc = tl.zeros([BLOCK_SIZE], dtype=ACC)
-    flag = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
-    offsets = tl.arange(0, BLOCK_SIZE)
-    for i in range(0, n, BLOCK_SIZE):
-        mask = i + offsets < n
-        x = tl.load(base + (start + i + offsets), mask=mask, other=0.0).to(ACC)
-        if HAS_INV:
-            x = x * inv
-        a = tl.abs(x)
-        is_nan = x != x
-        flag = tl.maximum(flag, tl.where(is_nan, 2, tl.where(a > MAX_FINITE, 1, 0)))
-        if NORM == 0:
-            acc += x * x
-        elif NORM == 1:
-            acc += a
-        elif NORM == 2:
-            acc = tl.maximum(acc, tl.where(is_nan, 0.0, a))  # NaN comes back from the flag
-        else:
-            safe = tl.where(a == 0.0, 1.0, a)
-            acc += tl.where(a == 0.0, 0.0, tl.exp2(p * tl.log2(safe)))
-    if NORM == 2:
-        partial = tl.max(acc, axis=0)
-    else:
-        partial = tl.sum(acc, axis=0)
-    return partial.to(tl.float64), tl.max(flag, axis=0)
 
 
 @triton.jit
@@ -78,21 +57,31 @@ def _measure_units(base, start, n, length, slot, partial_out, flag_out, inv, p, 
                    MAX_FINITE: tl.constexpr, NORM: tl.constexpr, HAS_INV: tl.constexpr, WIDEN: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr):
     """The partial of every unit of a segment (or of its one piece of a long unit), each into its slot; a
-    float32 sum that overflowed with nothing inf or NaN is taken again in float64."""
-    rows = tl.maximum(n // length, 1)
+    float32 sum that overflowed with nothing inf or NaN is taken again in float64. That re-sum is a loop of its
+    own over what the first stored (a barrier makes the stores visible to the whole program): in the first
+    loop, both accumulations would be live at once and ptxas would spill."""
+    # whole rows, or one piece of a row longer than the segment: n // step is 1. In int32 (n <= SEGMENT): a
+    # 64-bit division is a call, and ptxas spills the registers live across it.
     step = tl.minimum(n, length).to(tl.int32)
+    rows = n.to(tl.int32) // step
     for r in range(0, rows):
-        first = start + r * step
-        partial, flag = _partial(base, first, step, inv, p, ACC, MAX_FINITE, NORM, HAS_INV, BLOCK_SIZE)
-        if WIDEN:
-            if (partial == float("inf")) & (flag == 0):
-                partial, flag = _partial(base, first, step, inv, p, tl.float64, MAX_FINITE, NORM, HAS_INV,
-                                         BLOCK_SIZE)
+        partial, flag = _chunk_partial(base, start + r * step, step, 0, inv, p, inv, inv, ACC, MAX_FINITE, NORM,
+                                       HAS_INV, 0, BLOCK_SIZE)  # (no clamp: lo and hi are unused)
         tl.store(partial_out + slot + r, partial)
         tl.store(flag_out + slot + r, flag.to(tl.float64))
+    if WIDEN:
+        tl.debug_barrier()
+        for r in range(0, rows):
+            if (tl.load(partial_out + slot + r) == float("inf")) & (tl.load(flag_out + slot + r) == 0.0):
+                partial, flag = _chunk_partial(base, start + r * step, step, 0, inv, p, inv, inv, tl.float64,
+                                               MAX_FINITE, NORM, HAS_INV, 0, BLOCK_SIZE)
+                tl.store(partial_out + slot + r, partial)
+                tl.store(flag_out + slot + r, flag.to(tl.float64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=[
+    "table_ptrs", "table_codes", "seg_tensor", "seg_start", "seg_len", "seg_slot", "row_len", "inv_scale_ptr",
+    "partial_out", "flag_out"])
 def _unit_norm_kernel(table_ptrs, table_codes, seg_tensor, seg_start, seg_len, seg_slot, row_len, inv_scale_ptr,
                       partial_out, flag_out, p, ACC: tl.constexpr, MAX_FINITE: tl.constexpr, NORM: tl.constexpr,
                       HAS_INV: tl.constexpr, WIDEN: tl.constexpr, BLOCK_SIZE: tl.constexpr):
@@ -121,22 +110,8 @@ def _unit_norm_kernel(table_ptrs, table_codes, seg_tensor, seg_start, seg_len, s
                        ACC, MAX_FINITE, NORM, HAS_INV, WIDEN, BLOCK_SIZE)
 
 
-@triton.jit
-def _root(acc, flag, inv_p, NORM: tl.constexpr):
-    """The norm from its float64 accumulator: sqrt, identity, max with NaN restored, or acc^(1/p)."""
-    if NORM == 0:
-        out = tl.sqrt(acc)
-    elif NORM == 1:
-        out = acc
-    elif NORM == 2:
-        out = tl.where(flag == 2.0, float("nan"), acc)
-    else:
-        safe = tl.where(acc == 0.0, 1.0, acc)
-        out = tl.where(acc == 0.0, 0.0, tl.exp2(tl.log2(safe) * inv_p))
-    return out
-
-
-@triton.jit(do_not_specialize=["num_units", "max_slots"])
+@triton.jit(do_not_specialize=["num_units", "max_slots"], do_not_specialize_on_alignment=[
+    "partials", "flags", "unit_slot_begin", "norm_out", "acc_out", "flag_out"])
 def _unit_finalize_kernel(partials, flags, unit_slot_begin, num_units, max_slots, norm_out, acc_out, flag_out,
                           inv_p, NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     units = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -156,47 +131,6 @@ def _unit_finalize_kernel(partials, flags, unit_slot_begin, num_units, max_slots
     tl.store(norm_out + units, _root(acc, flag, inv_p, NORM).to(norm_out.dtype.element_ty), mask=mask)
     tl.store(acc_out + units, acc, mask=mask)
     tl.store(flag_out + units, flag, mask=mask)
-
-
-@triton.jit
-def _reduce(values, flags, count, NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """(sum or max of values[0:count], max of flags[0:count]) in float64, in index order."""
-    acc = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
-    flag = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
-    offsets = tl.arange(0, BLOCK_SIZE)
-    for i in range(0, count, BLOCK_SIZE):
-        mask = i + offsets < count
-        v = tl.load(values + i + offsets, mask=mask, other=0.0)
-        flag = tl.maximum(flag, tl.load(flags + i + offsets, mask=mask, other=0.0))
-        if NORM == 2:
-            acc = tl.maximum(acc, v)
-        else:
-            acc += v
-    if NORM == 2:
-        total = tl.max(acc, axis=0)
-    else:
-        total = tl.sum(acc, axis=0)
-    return total, tl.max(flag, axis=0)
-
-
-@triton.jit
-def _tensor_finalize_kernel(unit_accs, unit_flags, tensor_unit_begin, norm_out, acc_out, flag_out, inv_p,
-                            NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    begin = tl.load(tensor_unit_begin + t)
-    count = (tl.load(tensor_unit_begin + t + 1) - begin).to(tl.int32)
-    total, flag = _reduce(unit_accs + begin, unit_flags + begin, count, NORM, BLOCK_SIZE)
-    tl.store(norm_out + t, _root(total, flag, inv_p, NORM).to(norm_out.dtype.element_ty))
-    tl.store(acc_out + t, total)
-    tl.store(flag_out + t, flag)
-
-
-@triton.jit
-def _total_finalize_kernel(accs, flags, num_tensors, total_out, found_out, inv_p, NORM: tl.constexpr,
-                           BLOCK_SIZE: tl.constexpr):
-    total, flag = _reduce(accs, flags, num_tensors, NORM, BLOCK_SIZE)
-    tl.store(total_out, _root(total, flag, inv_p, NORM).to(total_out.dtype.element_ty))
-    tl.store(found_out, tl.where(flag > 0.0, 1.0, 0.0).to(tl.float32))
 
 
 @triton.jit
@@ -224,8 +158,8 @@ def _scale_run(base, start, n, coef, inv, zero, COMPUTE: tl.constexpr, HAS_INV: 
 @triton.jit
 def _scale_units(base, start, n, length, unit, coef_ptr, inv, clean, zero, COMPUTE: tl.constexpr,
                  HAS_INV: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    rows = tl.maximum(n // length, 1)
     step = tl.minimum(n, length).to(tl.int32)
+    rows = n.to(tl.int32) // step  # (as in _measure_units)
     for r in range(0, rows):
         coef = tl.load(coef_ptr + unit + r)
         if HAS_INV:
@@ -236,7 +170,9 @@ def _scale_units(base, start, n, length, unit, coef_ptr, inv, clean, zero, COMPU
             _scale_run(base, start + r * step, step, coef, inv, zero, COMPUTE, HAS_INV, SOFT_BF16, BLOCK_SIZE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=[
+    "table_ptrs", "table_codes", "seg_tensor", "seg_start", "seg_len", "seg_unit", "row_len", "coef_ptr",
+    "inv_scale_ptr", "found_inf_ptr"])
 def _unit_scale_kernel(table_ptrs, table_codes, seg_tensor, seg_start, seg_len, seg_unit, row_len, coef_ptr,
                        inv_scale_ptr, found_inf_ptr, HAS_INV: tl.constexpr, HAS_FOUND: tl.constexpr,
                        ZERO_IF_INF: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK_SIZE: tl.constexpr):
@@ -272,22 +208,6 @@ def _unit_scale_kernel(table_ptrs, table_codes, seg_tensor, seg_start, seg_len, 
 
 
 @triton.jit
-def _as_float(bits):
-    """A float64 from the bits of a Python float (Triton passes Python floats as float32)."""
-    return bits.to(tl.int64).to(tl.float64, bitcast=True)
-
-
-@triton.jit
-def _divide(a, b):
-    """a / b rounded to nearest, as the CPU divides (Triton's float32 division may be approximate)."""
-    if a.dtype.is_fp64():
-        out = a / b
-    else:
-        out = tl.math.div_rn(a, b)
-    return out
-
-
-@triton.jit
 def _agc_coefficient(param_norm, grad_norm, factor, eps):
     """AGC's coefficient in grad_norm's dtype: bound = max(param_norm, eps) * factor; 1 below it, else
     bound / max(grad_norm, 1e-6). The comparisons keep NaN, as torch.clamp does."""
@@ -300,79 +220,27 @@ def _agc_coefficient(param_norm, grad_norm, factor, eps):
     return tl.where(grad_norm < bound, 1.0, _divide(bound, denominator)).to(dtype)
 
 
-@triton.jit
-def _power(x, p, NORM: tl.constexpr):
-    """|x|^p for x >= 0 (float64)."""
-    if NORM == 0:
-        out = x * x
-    elif NORM == 1:
-        out = x
-    else:
-        safe = tl.where(x == 0.0, 1.0, x)
-        out = tl.where(x == 0.0, 0.0, tl.exp2(p * tl.log2(safe)))
-    return out
-
-
-@triton.jit(do_not_specialize=["count", "factor_bits", "eps_bits"])
+@triton.jit(do_not_specialize=["count", "factor_bits", "eps_bits"],
+            do_not_specialize_on_alignment=["param_norms", "grad_norms", "coef_out", "post_out"])
 def _unit_clip_finalize_kernel(param_norms, grad_norms, coef_out, post_out, count, factor_bits, eps_bits, p, inv_p,
                                NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """One program: every unit's coefficient, then the p-norm of the clipped units, in float64 scaled by the
-    largest (the coefficients are computed again, not read back: a program's stores need not be visible to its
-    own loads)."""
+    """One program: every unit's coefficient, then the p-norm of the clipped units (small_ops' arithmetic)."""
     factor = _as_float(factor_bits)
     eps = _as_float(eps_bits)
-    offsets = tl.arange(0, BLOCK_SIZE)
-    peak = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
-    nan = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
-    for i in range(0, count, BLOCK_SIZE):
+    offsets = tl.arange(0, COEF_BLOCK)
+    for i in range(0, count, COEF_BLOCK):
         mask = i + offsets < count
         g = tl.load(grad_norms + i + offsets, mask=mask, other=0.0)
         c = _agc_coefficient(tl.load(param_norms + i + offsets, mask=mask, other=1.0), g, factor, eps)
         tl.store(coef_out + i + offsets, c, mask=mask)
-        v = tl.abs(g.to(tl.float64) * c.to(tl.float64))
-        nan = tl.maximum(nan, tl.where(v != v, 1, 0))
-        peak = tl.maximum(peak, tl.where(v != v, 0.0, v))
-    top = tl.max(peak, axis=0)
-    if NORM == 2:
-        out = top
-    else:
-        scale = tl.where((top > 0.0) & (top < float("inf")), top, 1.0)
-        acc = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
-        for i in range(0, count, BLOCK_SIZE):
-            mask = i + offsets < count
-            g = tl.load(grad_norms + i + offsets, mask=mask, other=0.0)
-            c = _agc_coefficient(tl.load(param_norms + i + offsets, mask=mask, other=1.0), g, factor, eps)
-            v = tl.abs(g.to(tl.float64) * c.to(tl.float64))
-            acc += _power(tl.where(v != v, 0.0, v) / scale, p, NORM)
-        total = tl.sum(acc, axis=0)
-        if NORM == 0:
-            root = tl.sqrt(total)
-        elif NORM == 1:
-            root = total
-        else:
-            root = tl.where(total == 0.0, 0.0, tl.exp2(tl.log2(tl.where(total == 0.0, 1.0, total)) * inv_p))
-        out = tl.where(top == float("inf"), top, root * scale)
-    out = tl.where(tl.max(nan, axis=0) > 0, float("nan"), out)
-    tl.store(post_out, out.to(post_out.dtype.element_ty))
+    # Read back rather than computed again (a division is a call that makes ptxas spill the registers live
+    # across it): the barrier makes every thread's stores visible to the whole program.
+    tl.debug_barrier()
+    post = _clipped_norm(grad_norms, coef_out, count, p, inv_p, NORM, BLOCK_SIZE)
+    tl.store(post_out, post.to(post_out.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------------ launchers
-def _norm_kind(norm_type: float) -> int:
-    if norm_type == float("inf"):
-        return NORM_INF
-    return {2.0: NORM_L2, 1.0: NORM_L1}.get(float(norm_type), NORM_P)
-
-
-def _scratch(size: int, device: torch.device) -> torch.Tensor:
-    if SCRATCH_FILL is None:
-        return torch.empty(size, dtype=torch.float64, device=device)
-    return torch.full((size,), SCRATCH_FILL, dtype=torch.float64, device=device)
-
-
-def _float_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", x))[0]
-
-
 def unit_norm_triton(table, layout, inv_scale: Optional[torch.Tensor], norm_type: float):
     """``(unit_norms, per_tensor_norms, total_norm, found_inf)``: ``ampclip::unit_norm_pass``.
 
@@ -388,9 +256,9 @@ def unit_norm_triton(table, layout, inv_scale: Optional[torch.Tensor], norm_type
     if inv_scale is not None and inv_scale.device != device:
         inv_scale = inv_scale.to(device)
     n, u, s = table.num_tensors, layout.num_units, layout.num_slots
-    slots = _scratch(2 * s, device)  # partials, flags
-    units = _scratch(2 * u, device)  # unit accumulators, flags
-    tensors = _scratch(2 * n, device)  # tensor accumulators, flags
+    slots = fused_norm._scratch(2 * s, torch.float64, device)  # partials, flags
+    units = fused_norm._scratch(2 * u, torch.float64, device)  # unit accumulators, flags
+    tensors = fused_norm._scratch(2 * n, torch.float64, device)  # tensor accumulators, flags
     out = torch.empty(u + n + 1, dtype=acc_dtype, device=device)  # unit norms, tensor norms, total
     found_inf = torch.empty((), dtype=torch.float32, device=device)
     if layout.num_segments:
@@ -456,8 +324,8 @@ def unit_clip_finalize_triton(param_norms: torch.Tensor, grad_norms: torch.Tenso
     post = torch.empty((), dtype=grad_norms.dtype, device=grad_norms.device)
     kind = _norm_kind(norm_type)
     _unit_clip_finalize_kernel[(1,)](
-        param_norms, grad_norms, coef, post, grad_norms.numel(), _float_bits(float(clip_factor)),
-        _float_bits(float(eps)), float(norm_type) if kind == NORM_P else 1.0,
+        param_norms, grad_norms, coef, post, grad_norms.numel(), float_bits(float(clip_factor)),
+        float_bits(float(eps)), float(norm_type) if kind == NORM_P else 1.0,
         1.0 / norm_type if kind == NORM_P else 1.0, NORM=kind, BLOCK_SIZE=TOTAL_BLOCK,
     )
     return coef, post

@@ -6,23 +6,19 @@ is CUDA-graph capturable.
 
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
+from .fused_norm import float_bits
+from .small_ops import _as_float
+
 BLOCK = 128  # warm-up slots per step of the initial mean and variance (25 by default)
-MEAN, VAR, READY, COUNT = range(4)  # the state's layout (ampclip.ops.ZCLIP_*)
+MEAN, VAR, READY, COUNT = (tl.constexpr(i) for i in range(4))  # the state's layout (ampclip.ops.ZCLIP_*)
 
 
-@triton.jit
-def _as_float(bits):
-    """A float64 from the bits of a Python float (Triton passes Python floats as float32)."""
-    return bits.to(tl.int64).to(tl.float64, bitcast=True)
-
-
-@triton.jit(do_not_specialize=["size", "alpha_bits", "z_bits", "cap_bits", "eps_bits", "factor_bits", "no_clip_bits"])
+@triton.jit(do_not_specialize=["size", "alpha_bits", "z_bits", "cap_bits", "eps_bits", "factor_bits", "no_clip_bits"],
+            do_not_specialize_on_alignment=["state", "warmup", "total_ptr", "found_ptr", "bound_out"])
 def _zclip_kernel(state, warmup, total_ptr, found_ptr, bound_out, size, alpha_bits, z_bits, cap_bits, eps_bits,
                   factor_bits, no_clip_bits, RULE: tl.constexpr, SKIP_ON_SPIKE: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr):
@@ -88,10 +84,6 @@ def _zclip_kernel(state, warmup, total_ptr, found_ptr, bound_out, size, alpha_bi
     tl.store(state + COUNT, new_count)
 
 
-def _float_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", x))[0]
-
-
 def zclip_update_triton(state: torch.Tensor, warmup: torch.Tensor, total: torch.Tensor, found_inf: torch.Tensor,
                         alpha: float, z_thresh: float, max_grad_norm: float, eps: float, rule: int,
                         clip_factor: float, skip_update_on_spike: bool) -> torch.Tensor:
@@ -104,8 +96,8 @@ def zclip_update_triton(state: torch.Tensor, warmup: torch.Tensor, total: torch.
     bound = torch.empty((), dtype=total.dtype, device=state.device)
     _zclip_kernel[(1,)](
         state, warmup, total.to(state.device), found_inf.to(state.device), bound, warmup.numel(),
-        _float_bits(float(alpha)), _float_bits(float(z_thresh)), _float_bits(float(max_grad_norm)),
-        _float_bits(float(eps)), _float_bits(float(clip_factor)), _float_bits(float(torch.finfo(total.dtype).max)),
+        float_bits(float(alpha)), float_bits(float(z_thresh)), float_bits(float(max_grad_norm)),
+        float_bits(float(eps)), float_bits(float(clip_factor)), float_bits(float(torch.finfo(total.dtype).max)),
         RULE=int(rule), SKIP_ON_SPIKE=int(bool(skip_update_on_spike)), BLOCK_SIZE=BLOCK,
     )
     return bound

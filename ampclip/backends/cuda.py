@@ -18,7 +18,7 @@ import torch
 
 from . import Backend, Unavailable
 from . import cpp as _cpp
-from .tensor_table import tensor_table
+from .tensor_table import table_to_write, tensor_table
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -54,14 +54,9 @@ class CudaBackend(Backend):
                                       _float32(inv_scale, device), float(norm_type), lo, hi)
 
     def scale_pass(self, grads, coef, inv_scale, clamp, found_inf, zero_if_inf):
-        table = tensor_table(grads)
-        if table.expanded is not None:
-            raise ValueError(f"gradient {table.expanded} has elements that share memory (an expanded, stride-0 "
-                             "tensor): it cannot be written in place; clone it first")
-        if table.aliased:  # one tensor after the other, each reading what the ones before it wrote
-            coefs = coef.reshape(-1).expand(len(grads)) if coef.numel() == 1 else coef.reshape(-1)
-            for i, g in enumerate(grads):
-                self.scale_pass([g], coefs[i], inv_scale, clamp, found_inf, zero_if_inf)
+        table = table_to_write(grads, coef, lambda g, c: self.scale_pass(g, c, inv_scale, clamp, found_inf,
+                                                                        zero_if_inf))
+        if table is None:
             return
         if coef.numel() not in (1, table.num_tensors):
             raise ValueError(f"coef must hold 1 or {table.num_tensors} elements, got {coef.numel()}")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 
+from torch.autograd.graph import increment_version
+
 from . import Backend, Unavailable
-from .tensor_table import tensor_table
+from .tensor_table import table_to_write, tensor_table
 from .unit_layout import unit_layout
 
 
@@ -42,18 +44,14 @@ class TritonBackend(Backend):
         return self._k.fused_norm_triton(table, inv_scale, norm_type, clamp)
 
     def scale_pass(self, grads, coef, inv_scale, clamp, found_inf, zero_if_inf):
-        table = tensor_table(grads)
-        if table.expanded is not None:
-            raise ValueError(f"gradient {table.expanded} has elements that share memory (an expanded, stride-0 "
-                             "tensor): it cannot be written in place; clone it first")
-        if table.aliased:  # one tensor after the other, each reading what the ones before it wrote
-            coefs = coef.reshape(-1).expand(len(grads)) if coef.numel() == 1 else coef
-            for i, g in enumerate(grads):
-                self.scale_pass([g], coefs[i], inv_scale, clamp, found_inf, zero_if_inf)
+        table = table_to_write(grads, coef, lambda g, c: self.scale_pass(g, c, inv_scale, clamp, found_inf,
+                                                                        zero_if_inf))
+        if table is None:
             return
         table.stage_in(grads)
         self._k.fused_scale_triton(table, coef, inv_scale, clamp, found_inf, zero_if_inf)
         table.stage_out(grads)
+        increment_version(grads)  # written through raw pointers: tell autograd, as torch's in-place ops do
 
     def clip_finalize(self, per_tensor, total, max_norm, mode, group_index, num_groups, norm_type, eps, rule):
         return self._k.clip_finalize_triton(per_tensor, total, max_norm, mode, group_index, num_groups, norm_type,
@@ -88,6 +86,7 @@ class TritonBackend(Backend):
         table.stage_in(grads)
         self._k.unit_scale_triton(table, layout, coef, inv_scale, found_inf, zero_if_inf)
         table.stage_out(grads)
+        increment_version(grads)
 
     def unit_clip_finalize(self, param_norms, grad_norms, clip_factor, eps, norm_type):
         return self._k.unit_clip_finalize_triton(param_norms, grad_norms, clip_factor, eps, norm_type)
