@@ -159,7 +159,7 @@ PyObject* clip_params(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
     const at::Tensor& grad = THPVariable_Unpack(items[i]).grad();
     if (!grad.defined()) continue;
     if (!is_kernel_grad(grad) || grad.key_set().has(c10::DispatchKey::Python) ||
-        at::has_internal_overlap(grad) == at::MemOverlap::Yes) {
+        (!grad.is_contiguous() && at::has_internal_overlap(grad) == at::MemOverlap::Yes)) {
       Py_RETURN_NONE;
     }
     grads.add(grad, /*writable=*/true);

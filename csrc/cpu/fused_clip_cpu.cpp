@@ -721,29 +721,46 @@ void CpuGrads::add(const at::Tensor& grad, bool writable) {
   void* data = writable ? dense->mutable_data_ptr() : const_cast<void*>(dense->const_data_ptr());
   spans.push_back({data, grad.numel(), grad.scalar_type(), static_cast<int32_t>(grad.element_size()),
                    grad.unsafeGetTensorImpl()});
-  if (writable && grad.numel() > 0) {
-    int64_t last = 0;  // offset of the last element the gradient reaches
-    for (int64_t d = 0; d < grad.dim(); ++d) last += (grad.size(d) - 1) * grad.stride(d);
-    const auto first = reinterpret_cast<uintptr_t>(grad.const_data_ptr());
-    extents.emplace_back(first, first + static_cast<uintptr_t>((last + 1) * grad.element_size()));
-  }
 }
 
 bool CpuGrads::overlapping() const {
+  // The memory each gradient covers, [first byte, past the last byte): built here, when a pass is about to
+  // write, so that a call that only measures (or clips nothing) pays nothing for it.
+  std::vector<std::pair<uintptr_t, uintptr_t>> extents(spans.size());
+  for (size_t t = 0; t < spans.size(); ++t) {
+    const auto first = reinterpret_cast<uintptr_t>(spans[t].data);
+    extents[t] = {first, first + static_cast<uintptr_t>(spans[t].numel * spans[t].itemsize)};
+  }
+  for (const auto& [index, grad, copy] : strided) {  // the gradient itself, not the contiguous copy
+    int64_t last = 0;  // offset of the last element it reaches
+    for (int64_t d = 0; d < grad.dim(); ++d) last += (grad.size(d) - 1) * grad.stride(d);
+    const auto first = reinterpret_cast<uintptr_t>(grad.const_data_ptr());
+    const int64_t bytes = grad.numel() == 0 ? 0 : (last + 1) * grad.element_size();
+    extents[index] = {first, first + static_cast<uintptr_t>(bytes)};
+  }
+  // an empty gradient writes nothing and shares nothing
+  extents.erase(std::remove_if(extents.begin(), extents.end(), [](const auto& e) { return e.first == e.second; }),
+                extents.end());
   // Gradients usually sit in address order, or in reverse (backward allocates them last layer first):
-  // one linear scan settles those; anything else is sorted.
+  // one linear scan settles those. Anything else is sorted, and the answer kept for the next call with the
+  // same memory (a training loop clips the same gradients every step): comparing is one sequential read,
+  // cheaper than the sort.
   bool ascending = true, descending = true;
   for (size_t i = 1; i < extents.size() && (ascending || descending); ++i) {
     ascending &= extents[i].first >= extents[i - 1].second;
     descending &= extents[i - 1].first >= extents[i].second;
   }
   if (ascending || descending) return false;
+  thread_local std::vector<std::pair<uintptr_t, uintptr_t>> last_extents;
+  thread_local bool last_answer = false;
+  if (extents == last_extents) return last_answer;
   auto order = extents;
   std::sort(order.begin(), order.end());
-  for (size_t i = 1; i < order.size(); ++i) {
-    if (order[i].first < order[i - 1].second) return true;
-  }
-  return false;
+  bool answer = false;
+  for (size_t i = 1; i < order.size() && !answer; ++i) answer = order[i].first < order[i - 1].second;
+  last_extents = std::move(extents);
+  last_answer = answer;
+  return answer;
 }
 
 // The whole drop-in clip in one call: norm pass, coefficient, scale pass.

@@ -35,9 +35,6 @@ struct CpuGrads {
   std::vector<GradSpan> spans;
   // (index, gradient, contiguous copy) of non-contiguous gradients: read from the copy, written back.
   std::vector<std::tuple<int64_t, at::Tensor, at::Tensor>> strided;
-  // The memory each written gradient covers, [first byte, past the last byte), to find gradients that share
-  // memory (one tensor set as the .grad of two parameters, overlapping views).
-  std::vector<std::pair<uintptr_t, uintptr_t>> extents;
   bool any_double = false;
 
   // writable: the data pointer is taken for writing (a copy-on-write storage is materialised).
