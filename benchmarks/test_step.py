@@ -1,5 +1,6 @@
 """The cost of a step's bookkeeping: time per call and device ops dispatched, for the per-step APIs on many
-small cached parameters, beside torch's chain (GradScaler.unscale_ + clip_grad_norm_ + step + update).
+small cached parameters, and the whole step (scale, unscale and clip, optimizer step, update) beside
+torch's chain doing the same work (GradScaler.unscale_ + clip_grad_norm_ + step + update).
 
 On a CPU the time is the whole call; on a GPU it is the host time until the call returns (the launches
 queued, not finished), which is what bounds a small model's step. The op count is deterministic: each
@@ -42,6 +43,21 @@ def _scaler_step(params):
     return step
 
 
+def _scaler_full_step(params):
+    """The same work as torch's chain below: scale, unscale and clip, optimizer step, update."""
+    scaler = ampclip.DynamicLossScaler(params[0].device, init_scale=1024.0)
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    loss = torch.ones((), device=params[0].device)
+
+    def step():
+        scaler.scale(loss)
+        scaler.unscale_and_clip_(optimizer, max_norm=1.0)
+        scaler.step(optimizer)  # lr 0, as below
+        scaler.update()
+
+    return step
+
+
 def _torch_step(params):
     scaler = torch.amp.GradScaler(params[0].device.type, init_scale=1024.0)
     optimizer = torch.optim.SGD(params, lr=0.0)
@@ -61,7 +77,8 @@ STEPS = {
     "FusedClipper.clip_": _fused_clipper,
     "GradientClipper.clip_": _gradient_clipper,
     "unscale_and_clip_+update": _scaler_step,
-    "torch: unscale_+clip_grad_norm_+step+update": _torch_step,
+    "ampclip: scale+unscale_and_clip_+step+update": _scaler_full_step,
+    "torch: scale+unscale_+clip_grad_norm_+step+update": _torch_step,
 }
 
 
