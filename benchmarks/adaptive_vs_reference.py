@@ -2,8 +2,8 @@
 gradients (148 tensors, 124.4M elements): timm's ``adaptive_clip_grad`` against ``ampclip.adaptive_clip_grad_``,
 and the ``zclip`` package's ``ZClip.step`` against ``ampclip.ZClip.clip_``.
 
-    python benchmarks/adaptive_vs_reference.py                     # fp32, 7 timed calls per case
-    python benchmarks/adaptive_vs_reference.py --reps 5 --dtypes fp32 bf16 --out benchmarks/results
+    python -m benchmarks.adaptive_vs_reference                     # fp32, 7 timed calls per case
+    python -m benchmarks.adaptive_vs_reference --reps 5 --dtypes fp32 bf16 --out benchmarks/results
 
 Every timed call gets the same gradients back (restored outside the timing) after a cache flush (a write of
 twice the last-level cache); the providers of a case take turns call by call, so that other load on a shared
@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import math
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -30,30 +29,9 @@ import ampclip
 from ampclip import reference
 from ampclip.shapes import gpt2_shapes
 
+from .machine import cpu_model, llc_bytes
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _llc_bytes() -> int:
-    """The largest CPU cache (sysfs), 32 MiB when unknown."""
-    best = 0
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            text = (index / "size").read_text().strip()
-        except OSError:
-            continue
-        scale = {"K": 2**10, "M": 2**20}.get(text[-1], 1)
-        best = max(best, int(text.rstrip("KM")) * scale)
-    return best or 2**25
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 class Timer:
@@ -63,7 +41,7 @@ class Timer:
 
     def __init__(self, device: torch.device, reps: int):
         self.device, self.reps = device, reps
-        self.flush = torch.empty(2 * _llc_bytes() // 4, dtype=torch.float32, device=device)
+        self.flush = torch.empty(2 * llc_bytes() // 4, dtype=torch.float32, device=device)
 
     def sync(self):
         if self.device.type == "cuda":
@@ -238,7 +216,7 @@ def main(argv=None) -> int:
         except Exception:
             versions[package] = None
     record = {
-        "device": _cpu_name(), "threads": torch.get_num_threads(), "gpu": info["gpu"], "versions": versions,
+        "device": cpu_model(), "threads": torch.get_num_threads(), "gpu": info["gpu"], "versions": versions,
         "date": datetime.date.today().isoformat(), "reps": args.reps, "flush_bytes": timer.flush.numel() * 4,
         "workload": "gpt2-124m (148 tensors, 124.4M elements)", "results": {},
     }

@@ -14,12 +14,12 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import re
-from pathlib import Path
 
 import pytest
 import torch
 
+from .machine import cpu_model as cpu_model_name
+from .machine import llc_bytes
 from .providers import SCENARIO_BASELINE, SCENARIO_FLOOR, SCENARIO_FLOOR_N, available
 from .workloads import DEFAULT_CPU, DEFAULT_CPU_DTYPES, DTYPES, WORKLOADS, GradSets, fitted
 
@@ -77,7 +77,7 @@ class Settings:
                 SCENARIO_FLOOR.get(providers[p].scenario) for p in wanted}
             providers = {k: v for k, v in providers.items() if k in set(wanted) | needed}
         self.providers = providers
-        flush = 4 * 2**20 if self.quick else min(2 * _llc_bytes(), 2**29)
+        flush = 4 * 2**20 if self.quick else min(2 * llc_bytes(), 2**29)
         # Between timed calls: evict the previous call's lines (CPU: read twice the last-level cache; GPU:
         # write 256 MiB, as triton.testing.do_bench clears the L2). Written once here: pages never written
         # all map the kernel's one zero page, and reading them evicts nothing.
@@ -88,20 +88,6 @@ class Settings:
             for dtype in self.dtypes:
                 for name in self.providers:
                     yield pytest.param(workload, dtype, name, id=f"{workload}-{dtype}-{name}")
-
-
-def _llc_bytes() -> int:
-    """Size of the largest CPU cache (sysfs), 32 MiB when unknown."""
-    best = 0
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            text = (index / "size").read_text().strip()
-        except OSError:
-            continue
-        m = re.fullmatch(r"(\d+)([KMG]?)", text)
-        if m:
-            best = max(best, int(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
-    return best or 32 * 2**20
 
 
 def pytest_configure(config):
@@ -143,13 +129,7 @@ def device_info(device: torch.device) -> dict:
     """Device name, versions, threads and date, recorded with every results file."""
     import ampclip
 
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu_model = models[0] if models else cpu_model
-    except OSError:
-        pass
+    cpu_model = cpu_model_name()
     try:
         import triton
 
