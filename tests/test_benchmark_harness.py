@@ -84,3 +84,18 @@ def test_a_provider_that_skips_its_write_is_refused():
     with pytest.raises(providers.CheckError, match="returned norm"):
         providers.check("wrong", wrong, wrong.setup(gs), gs, torch.float32)
     assert not math.isnan(gs.norms[0])
+
+
+def test_gpu_check_stays_within_its_budget_and_bundles(tmp_path):
+    """benchmarks/gpu_check.sh with no budget left runs nothing, fails, and still leaves its summary and,
+    with BUNDLE=1, one archive beside it and nothing else."""
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, OUT=str(out), BUNDLE="1", BUDGET="0",
+                                                           PYTHON=sys.executable, TORCH_CUDA_ARCH_LIST="9.0"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-check.tar.gz", "summary.txt"]
+    summary = (out / "summary.txt").read_text()
+    for name in ("build", "env", "test-gpu", "bench-fp32", "bench-compile"):
+        assert f"== {name}: skipped" in summary
+    assert "some step failed" in summary
