@@ -10,6 +10,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -52,7 +53,7 @@ def _plain_run(device, precision, steps, lr):
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     batches = random_batches(16, 64, seed=1, device=device)
-    record = {"loss": [], "grad_norm": [], "loss_scale": [], "skipped": []}
+    record = {"loss": [], "pre_clip_norm": [], "loss_scale": [], "skipped": []}
     for step in _progress(steps, "no clipping"):
         batch = next(batches)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -62,25 +63,28 @@ def _plain_run(device, precision, steps, lr):
         opt.step()
         opt.zero_grad()
         record["loss"].append(float(loss.detach()))
-        record["grad_norm"].append(float(norm))
+        record["pre_clip_norm"].append(float(norm))
         record["loss_scale"].append(1.0)
         record["skipped"].append(False)
     return record
 
 
-def _ampclip_run(device, precision, steps, lr, max_norm):
+def trainer_run(config, device, steps: int, lr: float, label: Optional[str] = None) -> dict:
+    """The tiny GPT trained by AMPTrainer with ``config`` through the spike and the overflow: per step, the loss
+    before the injection and the step's clipping statistics. ``label``: show a progress bar under that name.
+    Every run starts from the same weights and sees the same batches."""
     torch.manual_seed(0)
     model = TinyGPT().to(device)
-    config = create_default_amp_config(precision=precision, gradient_clip_max_norm=max_norm)
     trainer = _InjectingTrainer(model, torch.optim.AdamW(model.parameters(), lr=lr), amp_config=config)
     batches = random_batches(16, 64, seed=1, device=device)
-    record = {"loss": [], "grad_norm": [], "loss_scale": [], "skipped": [], "clipped": []}
-    for step in _progress(steps, "ampclip"):
+    record = {"loss": [], "pre_clip_norm": [], "post_clip_norm": [], "loss_scale": [], "skipped": [], "clipped": []}
+    for step in _progress(steps, label) if label else range(steps):
         trainer.factor = _injection(step, steps)
         trainer.training_step_async(next(batches))
         stats = trainer.last_clipping_stats  # one sync per step, for the plot
         record["loss"].append(float(trainer.model_loss.detach()))
-        record["grad_norm"].append(stats["pre_clip_norm"])
+        record["pre_clip_norm"].append(stats["pre_clip_norm"])
+        record["post_clip_norm"].append(stats["post_clip_norm"])
         record["loss_scale"].append(stats["loss_scale"])
         record["skipped"].append(stats["found_inf"])
         record["clipped"].append(stats["clipped"])
@@ -99,7 +103,7 @@ def _summary(name, record, steps):
         "steps with a non-finite loss": len(record["loss"]) - finite_steps,
         "skipped steps": sum(record["skipped"]),
         "clipped steps": sum(record.get("clipped", [])),
-        "largest pre-clip grad norm": max((x for x in record["grad_norm"] if math.isfinite(x)), default=math.nan),
+        "largest pre-clip grad norm": max((x for x in record["pre_clip_norm"] if math.isfinite(x)), default=math.nan),
     }
 
 
@@ -115,7 +119,7 @@ def _plot(plain, fused, steps, precision, path: Path) -> bool:
     x = range(steps)
     for record, label in ((plain, "no clipping (plain loop)"), (fused, "ampclip (clip + scaler)")):
         axes[0].plot(x, [v if math.isfinite(v) else float("nan") for v in record["loss"]], label=label)
-        axes[1].plot(x, [v if math.isfinite(v) else float("nan") for v in record["grad_norm"]], label=label)
+        axes[1].plot(x, [v if math.isfinite(v) else float("nan") for v in record["pre_clip_norm"]], label=label)
     axes[2].plot(x, fused["loss_scale"], color="C1", label="ampclip loss scale")
     for ax in axes:
         ax.axvline(int(0.4 * steps), color="grey", ls="--", lw=0.8)
@@ -145,7 +149,8 @@ def main(args) -> int:
           f"autocast on {device}; x{SPIKE_FACTOR:g} spike at step {int(0.4 * steps)}, inf at step {int(0.7 * steps)}")
     start = time.perf_counter()
     plain = _plain_run(device, precision, steps, lr)
-    fused = _ampclip_run(device, precision, steps, lr, max_norm)
+    fused = trainer_run(create_default_amp_config(precision=precision, gradient_clip_max_norm=max_norm), device,
+                        steps, lr, label="ampclip")
     elapsed = time.perf_counter() - start
     rows = [_summary("no clipping", plain, steps), _summary(f"ampclip, max_norm {max_norm:g}", fused, steps)]
     keys = list(rows[0])

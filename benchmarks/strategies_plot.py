@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 import ampclip
-from ampclip.demo import SPIKE_FACTOR, _InjectingTrainer, _injection
-from ampclip.models import TinyGPT, random_batches
+from ampclip.demo import SPIKE_FACTOR, trainer_run
 
 RUNS = {
     "no clipping (skip on inf only)": {"gradient_clip_strategy": None},
@@ -32,21 +31,8 @@ RUNS = {
 
 
 def run(settings: dict, steps: int, lr: float, precision: str) -> dict:
-    torch.manual_seed(0)
-    model = TinyGPT()
     config = ampclip.create_default_amp_config(precision=precision, **settings)
-    trainer = _InjectingTrainer(model, torch.optim.AdamW(model.parameters(), lr=lr), amp_config=config)
-    batches = random_batches(16, 64, seed=1)
-    record = {"loss": [], "pre_clip_norm": [], "post_clip_norm": [], "skipped": []}
-    for step in range(steps):
-        trainer.factor = _injection(step, steps)
-        trainer.training_step_async(next(batches))
-        stats = trainer.last_clipping_stats  # one sync per step, for the plot
-        record["loss"].append(float(trainer.model_loss.detach()))
-        record["pre_clip_norm"].append(stats["pre_clip_norm"])
-        record["post_clip_norm"].append(stats["post_clip_norm"])
-        record["skipped"].append(stats["found_inf"])
-    return record
+    return trainer_run(config, torch.device("cpu"), steps, lr)
 
 
 def summary(record: dict, steps: int) -> dict:
