@@ -71,6 +71,7 @@ import torch
 from . import backends
 from .backends import SUPPORTED_DTYPES, check_grads
 from .backends import cpp as _cpp
+from .backends.unit_layout import unit_count
 
 __all__ = [
     "BACKENDS",
@@ -166,12 +167,6 @@ def combine_norms(norms: torch.Tensor, norm_type: float) -> torch.Tensor:
     if norms.numel() == 0:
         return norms.new_zeros(())
     return combine_groups(norms, torch.zeros(norms.shape, dtype=torch.int64, device=norms.device), 1, norm_type)[0]
-
-
-def unit_count(t: torch.Tensor) -> int:
-    """The units of ``t`` for unit-wise norms: its rows along dim 0 when it has more than one dimension (the
-    output units of a Linear or Conv weight), else one, the whole tensor (timm's ``unitwise_norm``)."""
-    return t.shape[0] if t.dim() > 1 else 1
 
 
 # --------------------------------------------------------------------------------------------------------

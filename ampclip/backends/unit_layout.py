@@ -24,17 +24,17 @@ import weakref
 
 import torch
 
+from .tensor_table import _even
+
 SEGMENT = 32768  # elements per program, as the tensor table's CHUNK: enough work to hide a program's start-up
 
 _layouts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _even(n: int) -> int:
-    return n + (n & 1)
-
-
 def unit_count(t: torch.Tensor) -> int:
-    """Rows along dim 0 for more than one dimension, else one unit (``ampclip.ops.unit_count``)."""
+    """The units of ``t`` for unit-wise norms: its rows along dim 0 when it has more than one dimension (the
+    output units of a Linear or Conv weight), else one, the whole tensor (timm's ``unitwise_norm``). Exported
+    as ``ampclip.ops.unit_count``."""
     return t.shape[0] if t.dim() > 1 else 1
 
 
