@@ -103,7 +103,7 @@ class FusedClipper:
         flatten: re-home every ``.grad`` as a view into one contiguous buffer per dtype; backward then
             accumulates into it and ``zero_grad`` is one fill (use ``zero_grad`` of this clipper or
             ``optimizer.zero_grad(set_to_none=False)`` to keep the views).
-        backend: ``None``/"auto", "cpp", "triton" or "reference" (see ``ampclip.backend()``).
+        backend: ``None``/"auto", "cpp", "triton", "cuda" or "reference" (see ``ampclip.backend()``).
         on_nonfinite: when a gradient holds inf/NaN, ``"leave"`` the gradients as they are (the step is
             to be skipped) or ``"zero"`` them.
         strategy: a :class:`ampclip.strategies.ClipStrategy` deciding the bound (its mode and value clamp
@@ -283,8 +283,7 @@ class FusedClipper:
         if shards is not None:
             grads = shards.locals
         if not grads:
-            zero = torch.zeros((), device=self.device)
-            return ClipStats(zero, torch.ones((), device=self.device), zero, zero.clone(), zero.new_zeros(0), [])
+            return self._no_gradients()
         clamp = self.value_clip
         per_tensor, total, found_inf = ops.norm_pass(grads, inv, self.norm_type, clamp, backend=self.backend)
         if shards is not None:
@@ -309,11 +308,8 @@ class FusedClipper:
             if self._flat is not None and coef.dim() == 0 and indices is None and self._flat_intact():
                 targets = self._flat.buffers  # one contiguous tensor per dtype: one sweep each
             ops.scale_pass(targets, coef, inv, clamp, found_inf, zero_if_inf, backend=self.backend)
-        names = self.names
-        if names is not None and indices is not None:
-            names = [names[i] for i in indices]
         reported = group_coef if self.mode == "per_group" else coef
-        return ClipStats(total, reported, post, found_inf, per_tensor, names,
+        return ClipStats(total, reported, post, found_inf, per_tensor, self._present_names(indices),
                          group_norms if self.mode == "per_group" else None)
 
     def _clip_by_strategy(self, inv, indices, grads, max_norm) -> ClipStats:
@@ -323,16 +319,22 @@ class FusedClipper:
         if distributed.sharded(grads) is not None:
             raise NotImplementedError(f"strategy {self.strategy.name!r} does not take sharded (DTensor) gradients")
         if not grads:
-            zero = torch.zeros((), device=self.device)
-            return ClipStats(zero, torch.ones((), device=self.device), zero, zero.clone(), zero.new_zeros(0), [])
+            return self._no_gradients()
         params = self.params if indices is None else [self.params[i] for i in indices]
         result = self.strategy.clip(ClipStep(params, grads, indices, inv, self.norm_type,
                                              self.on_nonfinite == "zero", self.backend))
-        names = self.names
-        if names is not None and indices is not None:
-            names = [names[i] for i in indices]
         return ClipStats(result.total, result.clip_coef, result.post_clip_norm, result.found_inf, result.per_tensor,
-                         names)
+                         self._present_names(indices))
+
+    def _no_gradients(self) -> ClipStats:
+        zero = torch.zeros((), device=self.device)
+        return ClipStats(zero, torch.ones((), device=self.device), zero, zero.clone(), zero.new_zeros(0), [])
+
+    def _present_names(self, indices: Optional[list[int]]) -> Optional[list[str]]:
+        """The names of the parameters that have gradients (``indices``: None when all have one)."""
+        if self.names is None or indices is None:
+            return self.names
+        return [self.names[i] for i in indices]
 
     def _check_deferrable(self, optimizer) -> None:
         if not getattr(optimizer, "_step_supports_amp_scaling", False):
