@@ -112,7 +112,7 @@ Bound = Union[float, torch.Tensor]
 class ClipStrategy:
     """A bound on the gradients. Attributes the clipper reads:
 
-    * ``mode``: "global", "per_tensor" or "per_group": which norm :meth:`bound` limits.
+    * ``mode``: "global", "per_tensor" or "per_group": which norm :meth:`bound` limits (one of ``modes``).
     * ``value_clip``: ``(min, max)`` to clamp every unscaled element to before it is measured, or None.
     * ``max_norm``: the fixed bound (or the cap of an adaptive one); inf for none.
 
@@ -126,11 +126,13 @@ class ClipStrategy:
 
     name = ""
     options: tuple[str, ...] = ()
+    modes: tuple[str, ...] = tuple(ops.MODES)  # the modes it can bound
     own_passes = False
 
     def __init__(self, max_norm: float = math.inf, mode: str = "global", value_clip=None):
-        if mode not in ops.MODES:
-            raise ValueError(f"mode must be one of {tuple(ops.MODES)}, got {mode!r}")
+        if mode not in self.modes:
+            hint = "; per-tensor and per-group modes are for the 'norm' strategy" if mode in ops.MODES else ""
+            raise ValueError(f"mode must be one of {self.modes} for the {self.name!r} strategy, got {mode!r}{hint}")
         self.max_norm = ops.check_bound(max_norm, "max_norm")
         self.mode = mode
         self.value_clip = ops.check_clamp(value_clip, "value_clip")
@@ -184,11 +186,9 @@ class ValueClip(ClipStrategy):
     """Clamp every element to ``[-clip_value, clip_value]`` (or a ``(min, max)`` pair); no norm bound."""
 
     name = "value"
+    modes = ("global",)
 
     def __init__(self, clip_value, mode: str = "global"):
-        if mode != "global":
-            raise ValueError("the value strategy clamps elements: per-tensor and per-group modes are for the 'norm' "
-                             "strategy")
         super().__init__(math.inf, mode, value_clip=clip_value)
 
     @classmethod
@@ -208,13 +208,11 @@ class AutoClip(ClipStrategy):
     """
 
     name = "adaptive"
+    modes = ("global",)
     options = ("percentile", "history_size")
 
     def __init__(self, percentile: float = 10.0, history_size: int = 1000, max_norm: float = math.inf,
                  mode: str = "global", value_clip=None):
-        if mode != "global":
-            raise ValueError("the adaptive strategy clips the global norm: per-tensor and per-group modes are for the "
-                             "'norm' strategy")
         if not 0 < percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {percentile}")
         if not isinstance(history_size, int) or history_size < 1:
@@ -295,6 +293,7 @@ class ZClipStrategy(ClipStrategy):
     """
 
     name = "zclip"
+    modes = ("global",)
     options = ("alpha", "z_thresh", "eps", "warmup_steps", "zclip_mode", "clip_option", "clip_factor",
                "skip_update_on_spike")
 
@@ -302,8 +301,6 @@ class ZClipStrategy(ClipStrategy):
                  eps: float = 1e-6, warmup_steps: int = 25, zclip_mode: str = "zscore",
                  clip_option: str = "adaptive_scaling", clip_factor: float = 1.0, skip_update_on_spike: bool = False,
                  mode: str = "global", value_clip=None):
-        if mode != "global":
-            raise ValueError("zclip bounds the global norm: per-tensor and per-group modes are for the 'norm' strategy")
         zclip_mode = str(zclip_mode).lower()
         if zclip_mode not in ("zscore", "percentile"):
             raise ValueError(f"mode must be 'zscore' or 'percentile', got {zclip_mode!r}")
@@ -390,12 +387,11 @@ class AGC(ClipStrategy):
     """
 
     name = "agc"
+    modes = ("global",)
     options = ("clip_factor", "eps", "exclude")
     own_passes = True
 
     def __init__(self, clip_factor: float = 0.01, eps: float = 1e-3, exclude: Exclude = None, mode: str = "global"):
-        if mode != "global":
-            raise ValueError("agc clips each row of each parameter: it has no per-tensor or per-group mode")
         self.clip_factor = _check_range("clip_factor", clip_factor, 0.0)
         self.eps = _check_range("eps", eps, 0.0)
         if exclude is not None and not callable(exclude):
