@@ -20,6 +20,7 @@ Deliberate differences from torch, all documented in ``docs/api.md``:
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 from typing import Iterable, Optional, Union
@@ -70,7 +71,7 @@ def get_total_norm(
         >>> total = ampclip.get_total_norm(grads)
     """
     p = ops.check_norm_type(norm_type, kernels=False)
-    grads = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    grads = ops.as_list(tensors, "tensors")
     if not grads:
         return torch.tensor(0.0)
     sharded = distributed.sharded(grads)
@@ -199,13 +200,11 @@ def _bound_to(fn, backend: Optional[str]):
     if backend is None:
         return fn
 
+    @functools.wraps(fn)
     def routed(*args, **kwargs):
         kwargs.setdefault("backend", backend)
         return fn(*args, **kwargs)
 
-    routed.__wrapped__ = fn
-    routed.__name__ = fn.__name__
-    routed.__doc__ = fn.__doc__
     return routed
 
 
