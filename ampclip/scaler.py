@@ -113,9 +113,8 @@ class DynamicLossScaler:
         self._process_group = process_group
         # One float32 state tensor, so that an update is one device op: the scale (the tensor losses are
         # multiplied by), its inverse (the unscale), the growth and the hysteresis trackers.
-        self._scale_state = torch.tensor([init_scale, 1.0 / float(init_scale), 0.0, hysteresis], dtype=torch.float32,
-                                   device=device)
-        self._scale_state[INV_SCALE] = self._scale_state[SCALE].double().reciprocal().float()
+        self._scale_state = torch.tensor([init_scale, 0.0, 0.0, hysteresis], dtype=torch.float32, device=device)
+        self._scale_state[INV_SCALE] = self._scale_state[SCALE].double().reciprocal().float()  # of the float32 scale
         self._scale, self._inv_scale = self._scale_state[SCALE], self._scale_state[INV_SCALE]
         self._history_size = history_size
         self._history = torch.full((len(HISTORY_ROWS), history_size), math.nan, device=device)
