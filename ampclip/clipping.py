@@ -141,7 +141,7 @@ class GradientClipper:
         names = self.fused.names or [str(i) for i in range(len(self.fused.params))]
         clipped, skipped = self._counters.tolist()
         out = {"steps": self.steps, "clipped_steps": int(clipped), "skipped_steps": int(skipped),
-               "strategy": getattr(self.strategy, "value", self.strategy), "max_norm": self.max_norm,
+               "strategy": self.fused.strategy.name, "max_norm": self.max_norm,
                "clip_value": self.clip_value}
         if self.enable_monitoring and self.steps:
             sums, peaks, lasts = self._layers.tolist()
@@ -152,7 +152,7 @@ class GradientClipper:
 
     def state_dict(self) -> dict:
         return {
-            "strategy": getattr(self.strategy, "value", self.strategy),
+            "strategy": self.fused.strategy.name,
             "clipper": self.fused.state_dict(),
             "steps": self.steps,
             "counters": self._counters.cpu().clone(),
@@ -160,7 +160,7 @@ class GradientClipper:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        name = getattr(self.strategy, "value", self.strategy)
+        name = self.fused.strategy.name
         if state["strategy"] != name:
             raise ValueError(f"state_dict is for strategy {state['strategy']!r}, not {name!r}")
         if tuple(state["layers"].shape) != tuple(self._layers.shape):
