@@ -207,15 +207,21 @@ def tensor_table(grads: list[torch.Tensor], chunk: int = CHUNK) -> TensorTable:
     return table
 
 
-def table_to_write(grads: list[torch.Tensor], coef: torch.Tensor, one_at_a_time) -> Optional[TensorTable]:
-    """The table of gradients a pass is to write, or None when they were handed to ``one_at_a_time(grads,
-    coef)`` one after the other instead, in list order, each reading what the ones before it wrote (gradients
-    that share memory: as torch's per-tensor multiply, never racing programs). An expanded gradient is an
-    error before anything is written."""
+def writable_table(grads: list[torch.Tensor]) -> TensorTable:
+    """The table of gradients a pass is to write in place; an expanded gradient is an error before anything is
+    written."""
     table = tensor_table(grads)
     if table.expanded is not None:
         raise ValueError(f"gradient {table.expanded} has elements that share memory (an expanded, stride-0 "
                          "tensor): it cannot be written in place; clone it first")
+    return table
+
+
+def table_to_write(grads: list[torch.Tensor], coef: torch.Tensor, one_at_a_time) -> Optional[TensorTable]:
+    """The :func:`writable_table` of ``grads``, or None when they were handed to ``one_at_a_time(grads, coef)``
+    one after the other instead, in list order, each reading what the ones before it wrote (gradients that
+    share memory: as torch's per-tensor multiply, never racing programs)."""
+    table = writable_table(grads)
     if not table.aliased:
         return table
     coefs = coef.reshape(-1).expand(len(grads)) if coef.numel() == 1 else coef.reshape(-1)

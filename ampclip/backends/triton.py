@@ -12,7 +12,7 @@ import os
 from torch.autograd.graph import increment_version
 
 from . import Backend, Unavailable
-from .tensor_table import table_to_write, tensor_table
+from .tensor_table import table_to_write, tensor_table, writable_table
 from .unit_layout import unit_layout
 
 
@@ -72,10 +72,7 @@ class TritonBackend(Backend):
         return self._k.unit_norm_triton(table, unit_layout(table, tensors), inv_scale, norm_type)
 
     def unit_scale_pass(self, grads, coef, inv_scale, found_inf, zero_if_inf):
-        table = tensor_table(grads)
-        if table.expanded is not None:
-            raise ValueError(f"gradient {table.expanded} has elements that share memory (an expanded, stride-0 "
-                             "tensor): it cannot be written in place; clone it first")
+        table = writable_table(grads)
         layout = unit_layout(table, grads)
         if coef.numel() != layout.num_units:
             raise ValueError(f"coef must hold one entry per unit ({layout.num_units}), got {coef.numel()}")
