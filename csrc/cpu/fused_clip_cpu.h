@@ -49,6 +49,9 @@ bool is_kernel_grad(const at::Tensor& g);
 // Throws (a TypeError or ValueError in Python) naming what is wrong unless is_kernel_grad(g); for a gradient
 // to be written (`writable`), also when elements share memory (an expanded, zero-stride tensor).
 void check_grad(const at::Tensor& g, size_t index, const char* op, bool writable);
+// The p-norm of values[0:n] in double, scaled by the largest |value| so that norms whose p-th powers would
+// overflow still combine (ops.combine_norms); NaN propagates, inf gives inf, no value gives 0.
+double combine_norms(const double* values, int64_t n, double p);
 // The value of a one-element CPU tensor; throws a ValueError naming `what` otherwise.
 double read_scalar(const at::Tensor& t, const char* what);
 

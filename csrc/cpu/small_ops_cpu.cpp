@@ -18,17 +18,6 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 double nan_max(double a, double b) { return (b > a || b != b) ? b : a; }
 
-// The p-norm of values[i] for i in `members`, in double and scaled by the largest |value|, so that norms
-// whose p-th powers would overflow still combine; NaN propagates, inf gives inf, no member gives 0.
-double combine(const std::vector<double>& values, const std::vector<int64_t>& members, double p) {
-  double peak = 0.0;
-  for (int64_t i : members) peak = nan_max(peak, std::abs(values[i]));
-  if (std::isinf(p) || !(peak > 0.0) || std::isinf(peak)) return peak;  // NaN, 0 or inf, or the inf-norm
-  double sum = 0.0;
-  for (int64_t i : members) sum += p == 2.0 ? (values[i] / peak) * (values[i] / peak) : std::pow(std::abs(values[i]) / peak, p);
-  return (p == 2.0 ? std::sqrt(sum) : std::pow(sum, 1.0 / p)) * peak;
-}
-
 std::vector<double> as_doubles(const at::Tensor& t) {
   const auto dense = t.contiguous();
   std::vector<double> out(dense.numel());
@@ -54,6 +43,18 @@ void check_cpu(const at::Tensor& t, const char* what) {
 
 }  // namespace
 
+double combine_norms(const double* values, int64_t n, double p) {
+  double peak = 0.0;
+  for (int64_t i = 0; i < n; ++i) peak = nan_max(peak, std::abs(values[i]));
+  if (std::isinf(p) || !(peak > 0.0) || std::isinf(peak)) return peak;  // NaN, 0 or inf, or the inf-norm
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = std::abs(values[i]) / peak;
+    sum += p == 2.0 ? x * x : std::pow(x, p);
+  }
+  return (p == 2.0 ? std::sqrt(sum) : std::pow(sum, 1.0 / p)) * peak;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_finalize_cpu(
     const at::Tensor& per_tensor, const at::Tensor& total, const std::optional<at::Tensor>& max_norm_tensor,
     double max_norm, int64_t mode, const std::optional<at::Tensor>& group_index, int64_t num_groups,
@@ -78,14 +79,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_finalize_cpu(
                       "ampclip clip_finalize: per-group mode needs one group index per tensor");
     const auto index = group_index->to(at::kLong).contiguous();
     const int64_t* gi = index.const_data_ptr<int64_t>();
-    std::vector<std::vector<int64_t>> members(num_groups);
+    std::vector<std::vector<double>> members(num_groups);  // the norms of each group's tensors, in order
     for (int64_t t = 0; t < count; ++t) {
       TORCH_CHECK_VALUE(gi[t] >= 0 && gi[t] < num_groups, "ampclip clip_finalize: group index ", gi[t],
                         " outside [0, ", num_groups, ")");
-      members[gi[t]].push_back(t);
+      members[gi[t]].push_back(norms[t]);
       unit_of[t] = gi[t];
     }
-    for (const auto& m : members) units.push_back(combine(norms, m, norm_type));
+    for (const auto& m : members) units.push_back(combine_norms(m.data(), static_cast<int64_t>(m.size()), norm_type));
   }
   // Coefficients and the post-clip norm in the norms' dtype, rounded as the tensor ops would round them.
   std::vector<double> coefs(units.size()), clipped(units.size());
@@ -96,9 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_finalize_cpu(
       clipped[u] = static_cast<double>(norm) * coefs[u];
     }
   });
-  std::vector<int64_t> all(units.size());
-  for (size_t u = 0; u < all.size(); ++u) all[u] = static_cast<int64_t>(u);
-  const double post = mode == 0 ? clipped[0] : combine(clipped, all, norm_type);
+  const double post =
+      mode == 0 ? clipped[0] : combine_norms(clipped.data(), static_cast<int64_t>(clipped.size()), norm_type);
 
   at::Tensor coef, group_coef, group_norms;
   if (mode == 2) {

@@ -39,23 +39,6 @@ CpuGrads units_of(const CpuGrads& grads, const std::vector<int64_t>& counts) {
   return units;
 }
 
-// The p-norm of values[0:n] in double, scaled by the largest |value| so that norms whose p-th powers overflow
-// still combine; NaN propagates, inf gives inf, no value gives 0.
-double combine(const double* values, int64_t n, double p) {
-  double peak = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double a = std::abs(values[i]);
-    peak = (a > peak || a != a) ? a : peak;
-  }
-  if (std::isinf(p) || !(peak > 0.0) || std::isinf(peak)) return peak;
-  double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double x = std::abs(values[i]) / peak;
-    sum += p == 2.0 ? x * x : std::pow(x, p);
-  }
-  return (p == 2.0 ? std::sqrt(sum) : std::pow(sum, 1.0 / p)) * peak;
-}
-
 std::vector<int64_t> unit_counts(const std::vector<at::Tensor>& tensors) {
   std::vector<int64_t> counts;
   counts.reserve(tensors.size());
@@ -92,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unit_norm_pass_cpu(
     int64_t begin = 0;
     for (size_t t = 0; t < counts.size(); ++t) {
       values.assign(units + begin, units + begin + counts[t]);
-      out[t] = static_cast<scalar_t>(combine(values.data(), counts[t], norm_type));
+      out[t] = static_cast<scalar_t>(combine_norms(values.data(), counts[t], norm_type));
       begin += counts[t];
     }
   });
@@ -151,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> unit_clip_finalize_cpu(const at::Tensor& para
       out[i] = c;
       clipped[i] = static_cast<double>(g[i]) * static_cast<double>(c);
     }
-    post = at::scalar_tensor(static_cast<T>(combine(clipped.data(), n, norm_type)), gn.options());
+    post = at::scalar_tensor(static_cast<T>(combine_norms(clipped.data(), n, norm_type)), gn.options());
   });
   return {coef, post};
 }
