@@ -233,6 +233,11 @@ def _scratch(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return torch.full((size,), SCRATCH_FILL, dtype=dtype, device=device)
 
 
+def on_device(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    """``t`` on ``device`` (None stays None): a scalar a launch reads from device memory."""
+    return t if t is None or t.device == device else t.to(device)
+
+
 def float_bits(x: float) -> int:
     """A float64's bit pattern as an int: Triton passes Python floats as float32, which would round a bound
     that float64 gradients compare against."""
@@ -257,8 +262,7 @@ def fused_norm_triton(table, inv_scale: Optional[torch.Tensor], norm_type: float
     acc_dtype = torch.float64 if table.has_fp64 else torch.float32
     norm_kind = _norm_kind(norm_type)
     inv_p = 1.0 / norm_type if norm_kind == NORM_P else 1.0
-    if inv_scale is not None and inv_scale.device != device:
-        inv_scale = inv_scale.to(device)
+    inv_scale = on_device(inv_scale, device)
     lo, hi = clamp if clamp is not None else (0.0, 0.0)
     n, c = table.num_tensors, table.num_chunks
     # scratch: chunk partials and flags, then per-tensor accumulators and flags (all float64)

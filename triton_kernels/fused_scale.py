@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_norm import BLOCK, _chunk_location, float_bits
+from .fused_norm import BLOCK, _chunk_location, float_bits, on_device
 
 # Triton's interpreter (TRITON_INTERPRET=1, how CI runs these kernels on CPU) truncates float32 -> bfloat16
 # instead of rounding to nearest even as the GPU does, which would make CPU results differ from the
@@ -135,14 +135,8 @@ def fused_scale_triton(table, coef: torch.Tensor, inv_scale: Optional[torch.Tens
     if table.num_chunks == 0:
         return
     device = table.buffer.device
-    if coef.device != device:
-        coef = coef.to(device)
-    if not coef.is_contiguous():
-        coef = coef.contiguous()
-    if inv_scale is not None and inv_scale.device != device:
-        inv_scale = inv_scale.to(device)
-    if found_inf is not None and found_inf.device != device:
-        found_inf = found_inf.to(device)
+    coef = on_device(coef, device).contiguous()
+    inv_scale, found_inf = on_device(inv_scale, device), on_device(found_inf, device)
     lo, hi = clamp if clamp is not None else (0.0, 0.0)
     # ZERO_IF_INF only matters with a found_inf: without one it is 0, so the flag does not double the variants.
     _fused_scale_kernel[(table.num_chunks,)](

@@ -41,6 +41,7 @@ from .fused_norm import (
     _tensor_finalize_kernel,
     _total_finalize_kernel,
     float_bits,
+    on_device,
 )
 from .small_ops import COEF_BLOCK, _as_float, _clipped_norm, _divide
 
@@ -253,8 +254,7 @@ def unit_norm_triton(table, layout, inv_scale: Optional[torch.Tensor], norm_type
     acc_dtype = torch.float64 if table.has_fp64 else torch.float32
     kind = _norm_kind(norm_type)
     inv_p = 1.0 / norm_type if kind == NORM_P else 1.0
-    if inv_scale is not None and inv_scale.device != device:
-        inv_scale = inv_scale.to(device)
+    inv_scale = on_device(inv_scale, device)
     n, u, s = table.num_tensors, layout.num_units, layout.num_slots
     slots = fused_norm._scratch(2 * s, torch.float64, device)  # partials, flags
     units = fused_norm._scratch(2 * u, torch.float64, device)  # unit accumulators, flags
@@ -298,10 +298,7 @@ def unit_scale_triton(table, layout, coef: torch.Tensor, inv_scale: Optional[tor
         return
     device = table.buffer.device
     coef = coef.reshape(-1).to(device).contiguous()
-    if inv_scale is not None and inv_scale.device != device:
-        inv_scale = inv_scale.to(device)
-    if found_inf is not None and found_inf.device != device:
-        found_inf = found_inf.to(device)
+    inv_scale, found_inf = on_device(inv_scale, device), on_device(found_inf, device)
     _unit_scale_kernel[(layout.num_segments,)](
         table.dev_ptrs, table.codes, layout.seg_tensor, layout.seg_start, layout.seg_len, layout.seg_unit,
         layout.row_len, coef, inv_scale if inv_scale is not None else coef,
