@@ -129,10 +129,12 @@ def _fused_clipper(backend: str):
 
 
 # ------------------------------------------------------------------------------------------------ floors
-def flat_buffers(gs: GradSets, count: int = 2) -> list[torch.Tensor]:
-    """``count`` flat buffers holding as many bytes as a gradient set, in its dtype."""
+def flat_buffers(gs: GradSets, count: int, dtype: Optional[torch.dtype] = None) -> list[torch.Tensor]:
+    """``count`` flat buffers holding as many bytes as a gradient set, in its dtype or in ``dtype``."""
     first = gs.sets[0][0]
-    return [torch.full((gs.numel(),), 0.125, dtype=first.dtype, device=first.device) for _ in range(count)]
+    dtype = dtype or first.dtype
+    elements = -(-gs.nbytes() // dtype.itemsize)
+    return [torch.full((elements,), 0.125, dtype=dtype, device=first.device) for _ in range(count)]
 
 
 def _copy(gs: GradSets):
@@ -150,9 +152,7 @@ def _floor(write: bool):
     def setup(gs: GradSets):
         # The same bytes seen as float32, whatever the gradients' dtype: the floor is the bytes' traffic, and
         # torch's CPU sum and mul_ of bfloat16 are far slower than the memory.
-        first = gs.sets[0][0]
-        words = -(-gs.nbytes() // 4)
-        bufs = [torch.full((words,), 0.125, dtype=torch.float32, device=first.device) for _ in gs.sets]
+        bufs = flat_buffers(gs, len(gs.sets), torch.float32)
         state = {"i": 0, "factor": 0.5}
 
         def call():
