@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from ampclip.reference import parameters_of  # zero-stride parameters: the drop-ins are called as users do
 from ampclip.shapes import gpt2_shapes, scaled
 
 
@@ -62,14 +63,6 @@ def norm64(grads: list[torch.Tensor]) -> float:
     """The 2-norm in float64 on the device, one tensor at a time (no host copy of the whole workload)."""
     per = torch._foreach_norm(grads, 2, dtype=torch.float64)
     return float(torch.linalg.vector_norm(torch.stack(per)))
-
-
-def parameters_of(grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
-    """Parameters (zero-stride data: no memory) whose ``.grad`` are ``grads``: the drop-ins are measured as
-    users call them, with parameters."""
-    from ampclip.reference import parameters_of as make
-
-    return make(grads)
 
 
 class GradSets:
