@@ -40,11 +40,15 @@ $(VENV)/.deps: Makefile
 
 # The baselines of the adaptive-clipping parity tests, without their dependencies: zclip needs torch only,
 # and timm's agc.py too (timm's torchvision wheel may not load beside this torch). Tests skip without them.
+# The integration tests also run against accelerate 1.15 (in build/, no dependencies): it clips through
+# torch's clip_grad_norm_, where 1.16 and newer call get_total_norm and clip_grads_with_norm_.
 $(VENV)/.test-deps: $(VENV)/.deps
 	$(PY) -c "import zclip" 2>/dev/null || $(PY) -m pip install -q --no-deps zclip || \
 		echo "zclip unavailable: the ZClip parity tests are skipped"
 	$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('timm') is None)" || \
 		$(PY) -m pip install -q --no-deps timm || echo "timm unavailable: the AGC parity tests are skipped"
+	test -d build/accelerate-1.15 || $(PY) -m pip install -q --target build/accelerate-1.15 --no-deps \
+		"accelerate==1.15.0" || echo "accelerate 1.15 unavailable: its integration run is skipped"
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps pyproject.toml setup.py $(EXT_SOURCES)

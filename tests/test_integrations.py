@@ -9,6 +9,8 @@ the framework's calls), and both must give the same losses and weights to float3
 
 import functools
 import os
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -22,7 +24,10 @@ import ampclip.functional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here downloads; make sure nothing tries
 
 STEPS = 4
-NAMES = ("clip_grad_norm_", "clip_grad_value_")
+NAMES = ("clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_")
+# A second accelerate, older than the installed one, that `make test` puts here (pip --target, no dependencies):
+# the accelerate tests run again against it in a subprocess, so that both of its clip paths stay covered.
+OLD_ACCELERATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "accelerate-1.15")
 
 
 class Tiny(nn.Module):
@@ -67,7 +72,8 @@ def calls(monkeypatch):
     for name in NAMES:
         torch_spy = spy(f"torch.{name}", getattr(torch.nn.utils, name))
         monkeypatch.setattr(torch.nn.utils, name, torch_spy)
-        monkeypatch.setattr(torch.nn.utils.clip_grad, name, torch_spy)
+        if hasattr(torch.nn.utils.clip_grad, name):  # get_total_norm lives there under another name
+            monkeypatch.setattr(torch.nn.utils.clip_grad, name, torch_spy)
         monkeypatch.setattr(ampclip.functional, name, spy(f"ampclip.{name}", getattr(ampclip.functional, name)))
     yield counts
     ampclip.unpatch_torch()  # before monkeypatch puts torch's own functions back
@@ -81,15 +87,28 @@ def assert_same_training(plain, patched, rel=1e-6):
         torch.testing.assert_close(b, a, rtol=rel, atol=rel * float(a.abs().max()))
 
 
-def both_runs(train, calls, name):
-    """Runs ``train(patch)`` unpatched, then patched; checks who served the clip calls; returns both results."""
+def both_runs(train, calls, names):
+    """Runs ``train(patch)`` unpatched, then patched; checks who served the clip calls (each of ``names`` once
+    a step); returns both results."""
+    names = (names,) if isinstance(names, str) else names
     plain = train(patch=lambda: None)
-    assert calls == Counter({f"torch.{name}": STEPS}), "the plain run must clip through torch once a step"
+    assert calls == Counter({f"torch.{n}": STEPS for n in names}), "the plain run must clip through torch"
     calls.clear()
     patched = train(patch=ampclip.patch_torch)
     ampclip.unpatch_torch()
-    assert calls == Counter({f"ampclip.{name}": STEPS}), "every clip call must go to ampclip, none to torch"
+    assert calls == Counter({f"ampclip.{n}": STEPS for n in names}), "every clip call must go to ampclip, none to torch"
     return plain, patched
+
+
+def accelerate_norm_calls() -> tuple[str, ...]:
+    """What ``Accelerator.clip_grad_norm_`` calls in torch, by version: up to 1.15 ``clip_grad_norm_``; from 1.16
+    ``get_total_norm`` (per device mesh), then ``clip_grads_with_norm_`` with the combined norm."""
+    import accelerate
+    from packaging.version import Version
+
+    if Version(accelerate.__version__) >= Version("1.16"):
+        return ("get_total_norm", "clip_grads_with_norm_")
+    return ("clip_grad_norm_",)
 
 
 def weights(model):
@@ -118,7 +137,7 @@ def test_hf_trainer_max_grad_norm(calls, tmp_path):
         trainer.train()
         return model.losses, weights(model)
 
-    assert_same_training(*both_runs(train, calls, "clip_grad_norm_"))
+    assert_same_training(*both_runs(train, calls, accelerate_norm_calls()))  # the Trainer clips through Accelerate
 
 
 # ---- Accelerate ----
@@ -150,13 +169,26 @@ def accelerate_train(clip, patch):
 def test_accelerate_clip_grad_norm(calls):
     pytest.importorskip("accelerate", minversion="1")
     train = functools.partial(accelerate_train, lambda acc, params: acc.clip_grad_norm_(params, 0.5))
-    assert_same_training(*both_runs(train, calls, "clip_grad_norm_"))
+    assert_same_training(*both_runs(train, calls, accelerate_norm_calls()))
 
 
 def test_accelerate_clip_grad_value(calls):
     pytest.importorskip("accelerate", minversion="1")
     train = functools.partial(accelerate_train, lambda acc, params: acc.clip_grad_value_(params, 0.01))
     assert_same_training(*both_runs(train, calls, "clip_grad_value_"))
+
+
+@pytest.mark.skipif(not os.path.isdir(OLD_ACCELERATE), reason="no second accelerate in build/ (make test puts one)")
+def test_accelerate_tests_pass_on_the_older_accelerate_too():
+    # The installed accelerate and an older one take different paths to torch (see accelerate_norm_calls): the
+    # tests above run again in a fresh interpreter that imports the older one first.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [OLD_ACCELERATE, os.environ.get("PYTHONPATH")]))}
+    probe = subprocess.run([sys.executable, "-c", "import accelerate; print(accelerate.__version__)"], env=env,
+                           capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "1.15.0"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "test_accelerate_clip"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and "2 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
 
 
 # ---- Lightning ----
