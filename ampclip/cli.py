@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -29,6 +30,43 @@ def _bound(text: str) -> float:
     if math.isnan(value) or value < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
+
+
+def _device(text: str):
+    """argparse type: a device the demo and compare can run on here, cpu or cuda (cuda:N), as a torch.device."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):  # torch's error lists every device type it knows, on several lines
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda (cuda:N for one GPU), got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "a build without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here (torch {torch.__version__}: "
+                                             f"{why}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: there is no such GPU here ({torch.cuda.device_count()} "
+                                             "visible)")
+    return device
+
+
+def _writable_folder_problem(folder: str):
+    """Why the demo cannot write its files into ``folder`` (creating it if needed), or None. Checked before
+    the runs, which take a minute, rather than when the files are written after them."""
+    import tempfile
+
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f"{folder!r} is a file, not a folder"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"cannot write into {folder!r} ({exc.strerror or type(exc).__name__})"
+    return None
 
 
 def _env(args) -> int:
@@ -60,7 +98,7 @@ def _compare(args) -> int:
 
     from .shapes import gpt2_shapes, scaled
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     shapes = scaled(gpt2_shapes(), args.scale)
     grads = [torch.randn(s, device=device) for s in shapes]
@@ -131,15 +169,18 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="train a tiny GPT with and without ampclip through a spike and an overflow")
     demo.add_argument("--steps", type=_positive_int, default=200)
     demo.add_argument("--out", default="ampclip-demo", help="folder for the PNG and the summary")
-    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    demo.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     compare = sub.add_parser("compare", help="ampclip vs torch clip_grad_norm_ on GPT-2-124M-shaped gradients")
-    compare.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    compare.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda when available)")
     compare.add_argument("--scale", type=_positive_int, default=1,
                          help="divide every tensor's leading dim by this (1: full size)")
     compare.add_argument("--max-norm", type=_bound, default=None, help="default: half the gradients' norm")
     compare.add_argument("--reps", type=_positive_int, default=10)
     args = parser.parse_args(argv)
     if args.command == "demo":
+        problem = _writable_folder_problem(args.out)
+        if problem:
+            demo.error(f"argument --out: {problem}")
         from .demo import main as demo_main
 
         return demo_main(args)

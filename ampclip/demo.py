@@ -107,6 +107,43 @@ def _summary(name, record, steps):
     }
 
 
+def _json_ready(value):
+    """``value`` with every non-finite float as None (JSON null): json.dumps would write NaN and Infinity, which
+    are not JSON, and strict parsers (JavaScript's JSON.parse, jq) reject the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    return value
+
+
+def _divergence(values) -> Optional[int]:
+    """The step from which a series is non-finite to its end (a run that diverged), or None."""
+    step = len(values)
+    while step > 0 and not math.isfinite(values[step - 1]):
+        step -= 1
+    return step if step < len(values) else None
+
+
+def _mark_divergence(ax, values, color) -> None:
+    """A cross where a diverged series ends (its last finite value) and the step it went non-finite: the line
+    itself just stops there."""
+    step = _divergence(values)
+    if step is None:
+        return
+    last = next((values[i] for i in range(step - 1, -1, -1) if math.isfinite(values[i])), None)
+    if last is None:  # no line drawn at all
+        return
+    kind = "NaN" if math.isnan(values[step]) else "inf"
+    ax.plot([step], [last], marker="X", markersize=10, color=color, markeredgecolor="black", zorder=5)
+    # right of the cross and above it: the diverged run's line lies to its left, the other run's below
+    ax.annotate(f"diverged ({kind}) at step {step}", xy=(step, last), xytext=(8, 6), textcoords="offset points",
+                ha="left", va="bottom", color=color, fontsize=9, fontweight="bold",
+                bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+
+
 def _plot(plain, fused, steps, precision, path: Path) -> bool:
     try:
         import matplotlib
@@ -117,9 +154,11 @@ def _plot(plain, fused, steps, precision, path: Path) -> bool:
         return False
     fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     x = range(steps)
-    for record, label in ((plain, "no clipping (plain loop)"), (fused, "ampclip (clip + scaler)")):
-        axes[0].plot(x, [v if math.isfinite(v) else float("nan") for v in record["loss"]], label=label)
-        axes[1].plot(x, [v if math.isfinite(v) else float("nan") for v in record["pre_clip_norm"]], label=label)
+    runs = ((plain, "no clipping (plain loop)", "C0"), (fused, "ampclip (clip + scaler)", "C1"))
+    for record, label, color in runs:
+        for ax, key in ((axes[0], "loss"), (axes[1], "pre_clip_norm")):
+            ax.plot(x, [v if math.isfinite(v) else float("nan") for v in record[key]], label=label, color=color)
+            _mark_divergence(ax, record[key], color)
     axes[2].plot(x, fused["loss_scale"], color="C1", label="ampclip loss scale")
     for ax in axes:
         ax.axvline(int(0.4 * steps), color="grey", ls="--", lw=0.8)
@@ -161,7 +200,8 @@ def main(args) -> int:
         a, b = rows[0][key], rows[1][key]
         fmt = (lambda v: f"{v:22.4f}") if isinstance(a, float) else (lambda v: f"{v:22d}")
         print(f"{key:{width}}  {fmt(a)}  {fmt(b)}")
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "plain": plain, "ampclip": fused}, indent=1))
+    summary = _json_ready({"rows": rows, "plain": plain, "ampclip": fused})
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
     if _plot(plain, fused, steps, precision, out / "demo.png"):
         print(f"\nwrote {out / 'demo.png'} and {out / 'summary.json'} ({elapsed:.1f} s)")
     else:
