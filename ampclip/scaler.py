@@ -19,6 +19,7 @@ which skips on the device through ``optimizer.found_inf``. With any other optimi
 from __future__ import annotations
 
 import enum
+import inspect
 import math
 import warnings
 import weakref
@@ -115,16 +116,35 @@ class DynamicLossScaler:
         # multiplied by), its inverse (the unscale), the growth and the hysteresis trackers.
         self._scale_state = torch.tensor([init_scale, 0.0, 0.0, hysteresis], dtype=torch.float32, device=device)
         self._scale_state[INV_SCALE] = self._scale_state[SCALE].double().reciprocal().float()  # of the float32 scale
-        self._scale, self._inv_scale = self._scale_state[SCALE], self._scale_state[INV_SCALE]
         self._history_size = history_size
         self._history = torch.full((len(HISTORY_ROWS), history_size), math.nan, device=device)
         self._steps = 0
         self._scaled = False
         self._states: dict[int, _OptimizerState] = {}
+        self._one = torch.ones((), device=device)
+        self._derive()
+
+    # Rebuilt, not copied, by a pickle or a deep copy: views into the state tensor (a pickle would copy them
+    # apart from it) and caches that refer to other objects by identity.
+    _DERIVED = ("_scale", "_inv_scale", "_clippers", "_deferred", "_checked_clippers")
+
+    def _derive(self) -> None:
+        self._scale, self._inv_scale = self._scale_state[SCALE], self._scale_state[INV_SCALE]
         self._clippers: dict[int, tuple[tuple, FusedClipper]] = {}
         self._deferred: "weakref.WeakSet" = weakref.WeakSet()  # optimizers holding a deferred scale
         self._checked_clippers: "weakref.WeakSet" = weakref.WeakSet()  # clippers whose parameters are not fp16
-        self._one = torch.ones((), device=device)
+
+    def __getstate__(self) -> dict:
+        # torch's rule and words: between the first unscale_/step of an iteration and its update() the scaler
+        # holds that iteration's inf checks, keyed by the optimizers' identities, which a copy does not share.
+        if self._enabled and self._states:
+            raise AssertionError("A DynamicLossScaler instance may only be pickled at the beginning of an iteration, "
+                                 "or at the end after scaler.update().")
+        return {k: v for k, v in self.__dict__.items() if k not in self._DERIVED}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._derive()
 
     # ------------------------------------------------------------------------------------------ scaling
     def scale(self, outputs):
@@ -149,8 +169,9 @@ class DynamicLossScaler:
 
     @property
     def loss_scale(self) -> torch.Tensor:
-        """The current scale as a 0-d float32 device tensor (no host sync). Read it, do not write it."""
-        return self._scale
+        """The current scale as a 0-d float32 device tensor (no host sync); 1 when disabled, as
+        :meth:`get_scale`. Read it, do not write it."""
+        return self._scale if self._enabled else self._one
 
     # ------------------------------------------------------------------------------------------ per step
     def _state(self, optimizer) -> _OptimizerState:
@@ -224,20 +245,30 @@ class DynamicLossScaler:
         gradients in all) when it can: global mode, no value clip, ``optimizer`` fused. Per-group mode
         uses the optimizer's param groups. ``clipper`` (a FusedClipper or a GradientClipper) replaces the
         one built from the other arguments. Returns the :class:`ClipStats` (device tensors).
+
+        Disabled (``enabled=False``, or "cuda" without CUDA), it clips and records nothing, as
+        ``GradScaler(enabled=False)`` followed by ``clip_grad_norm_`` does: in place unless ``defer=True``.
         """
-        state = self._check_ready(optimizer, "unscale_and_clip_()")
+        state = self._check_ready(optimizer, "unscale_and_clip_()") if self._enabled else None
         if clipper is None:
             if max_norm is None:
                 raise ValueError("unscale_and_clip_ needs max_norm (or a clipper)")
             clipper = self._clipper_for(optimizer, max_norm, norm_type, mode, value_clip)
-        if self._dynamic and clipper not in self._checked_clippers:  # once per clipper: a loop over parameters
+        if self._enabled and self._dynamic and clipper not in self._checked_clippers:  # once per clipper
             if any(p.dtype == torch.float16 for p in clipper.params):
                 raise ValueError("Attempting to unscale FP16 gradients.")  # torch's words: keep fp32 master weights
             self._checked_clippers.add(clipper)
         deferrable = clipper.can_defer_to(optimizer)
         if defer is True and not deferrable:
             raise ValueError("defer=True needs a fused torch optimizer, mode='global' and no value_clip")
-        use_defer = deferrable if defer == "auto" else bool(defer)
+        if defer == "auto":
+            # Not into an optimizer that step() hands the scaler to (torch's grad_scaler keyword): it unscales
+            # through the scaler and need not read grad_scale.
+            use_defer = deferrable and self._enabled and not _takes_grad_scaler(optimizer)
+        else:
+            use_defer = bool(defer)
+        if not self._enabled:
+            return clipper.clip_(None, defer_to=optimizer if use_defer else None)
         stats = clipper.clip_(self.inv_scale, defer_to=optimizer if use_defer else None)
         stats.found_inf = self._agree(stats.found_inf)
         if use_defer:
@@ -264,7 +295,9 @@ class DynamicLossScaler:
 
     def step(self, optimizer, *args, **kwargs):
         """``optimizer.step()`` unless the gradients held inf/NaN; the skip is decided on the device for
-        fused torch optimizers (no sync) and with one host sync otherwise."""
+        fused torch optimizers (no sync) and with one host sync otherwise. An optimizer with
+        ``_step_supports_amp_scaling`` whose ``step`` takes ``grad_scaler`` is handed this scaler and left to
+        unscale and skip through it, as torch's GradScaler does (with its FutureWarning)."""
         if not self._enabled:
             return optimizer.step(*args, **kwargs)
         state = self._state(optimizer)
@@ -273,7 +306,11 @@ class DynamicLossScaler:
         if not self._scaled and self._dynamic:
             raise RuntimeError("step() called before scale(): scale the loss with scaler.scale(loss) first")
         if getattr(optimizer, "_step_supports_amp_scaling", False):
-            result = self._fused_step(optimizer, state, args, kwargs)
+            if _takes_grad_scaler(optimizer):  # torch's older contract: the optimizer gets the scaler itself
+                warnings.warn(GRAD_SCALER_WARNING, FutureWarning, stacklevel=2)
+                result = optimizer.step(*args, **{**kwargs, "grad_scaler": self})
+            else:
+                result = self._fused_step(optimizer, state, args, kwargs)
         else:
             if state.stage is _Stage.READY:
                 self.unscale_(optimizer)
@@ -283,6 +320,8 @@ class DynamicLossScaler:
         return result
 
     def _fused_step(self, optimizer, state, args, kwargs):
+        if state.stage is not _Stage.DEFERRED:  # this step's attributes replace what another clip deferred
+            drop_deferred_scale(optimizer)
         if state.stage is _Stage.READY:
             # One read for found_inf; the gradients stay scaled and the optimizer divides by grad_scale.
             state.grad_norm, state.found_inf = self._check_grads(optimizer, unscale_in_place=False)
@@ -432,6 +471,17 @@ class DynamicLossScaler:
         self._scale_state.copy_(state)
         if history is not None:
             self._history.copy_(torch.stack([torch.as_tensor(history[name]) for name in HISTORY_ROWS]))
+
+
+# torch's words, so that a warnings filter written for GradScaler's applies to this one too
+GRAD_SCALER_WARNING = (
+    "GradScaler is going to stop passing itself as a keyword argument to the passed optimizer. In the near future "
+    "GradScaler registers `grad_scale: Tensor` and `found_inf: Tensor` to the passed optimizer and let the "
+    "optimizer use them directly.")
+
+
+def _takes_grad_scaler(optimizer) -> bool:
+    return "grad_scaler" in inspect.signature(optimizer.step).parameters
 
 
 def _check_recorded(state: _OptimizerState) -> None:

@@ -2,20 +2,23 @@
 inf/NaN detection, checkpoint round trips, the fused/deferred paths and bad input."""
 
 import copy
+import io
 import math
 import os
+import pickle
 import random
+import warnings
 
 import pytest
 import torch
 
 from ampclip import DynamicLossScaler
-from helpers import bitwise_equal, run_two_processes
+from helpers import bitwise_equal, rel_close, run_two_processes
 
 
-def tiny_model(seed=0, fused=None, optim="sgd"):
+def tiny_model(seed=0, fused=None, optim="sgd", device="cpu"):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(device)
     if optim == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     else:
@@ -84,10 +87,13 @@ def test_scale_does_not_grow_past_float32():
     assert scaler.get_scale() == pytest.approx(3e38, rel=1e-6)
 
 
-@pytest.mark.parametrize("optim", ["sgd", "adamw", "adamw-fused", "adamw-fused-clip"])
+# On the CPU as on CUDA: an inf gradient never reaches the weights, whichever way the step is taken (a fused
+# optimizer skips on the device through found_inf, any other one is not called).
+@pytest.mark.parametrize("optim", ["sgd", "sgd-unscale", "sgd-clip", "adamw", "adamw-fused", "adamw-fused-unscale",
+                                   "adamw-fused-clip", "adamw-fused-clip-in-place"])
 def test_skipped_step_leaves_parameters_and_optimizer_state_bit_identical(optim):
     fused = optim.startswith("adamw-fused")
-    model, opt = tiny_model(optim="sgd" if optim == "sgd" else "adamw", fused=fused or None)
+    model, opt = tiny_model(optim="sgd" if optim.startswith("sgd") else "adamw", fused=fused or None)
     scaler = DynamicLossScaler("cpu")
     for _ in range(2):  # build optimizer state first
         opt.zero_grad()
@@ -98,9 +104,11 @@ def test_skipped_step_leaves_parameters_and_optimizer_state_bit_identical(optim)
     state = copy.deepcopy(opt.state_dict())
     opt.zero_grad()
     backward(model, scaler, torch.randn(4, 8), poison=5)
-    if optim.endswith("clip"):
-        stats = scaler.unscale_and_clip_(opt, max_norm=1.0)
+    if "-clip" in optim:
+        stats = scaler.unscale_and_clip_(opt, max_norm=1.0, defer=False if optim.endswith("in-place") else "auto")
         assert stats.found_inf.item() == 1.0
+    elif optim.endswith("unscale"):
+        scaler.unscale_(opt)
     scaler.step(opt)
     scaler.update()
     assert all(bitwise_equal(p.detach(), q) for p, q in zip(model.parameters(), params))
@@ -301,3 +309,222 @@ def _skip_worker(rank, world_size, port, results):
 def test_one_rank_with_inf_skips_the_step_on_every_rank():
     results = run_two_processes(_skip_worker, timeout=120)
     assert results == {0: (1.0, True, 64.0), 1: (1.0, True, 64.0)}
+
+
+# ------------------------------------------------------------------------------------------ disabled
+
+
+def disabled_pair(how):
+    """(ours, torch's), disabled the same way: enabled=False, or device "cuda" on a machine without CUDA."""
+    if how == "enabled=False":
+        return DynamicLossScaler("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False)
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        ours = DynamicLossScaler()
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        theirs = torch.amp.GradScaler("cuda")
+    return ours, theirs
+
+
+@pytest.mark.parametrize("how", ["enabled=False", pytest.param("cuda", marks=pytest.mark.skipif(
+    torch.cuda.is_available(), reason="disables itself only without CUDA"))])
+@pytest.mark.parametrize("entry", ["unscale_and_clip_", "unscale_", "step"])
+@pytest.mark.parametrize("optim", ["sgd", "adamw-fused"])
+def test_a_disabled_scaler_runs_the_loop_as_torchs_disabled_one(how, entry, optim):
+    # GradScaler(enabled=use_amp) is a common pattern: disabled, every call is a no-op but the clip and the step
+    ours, theirs = disabled_pair(how)
+    kind, fused = ("sgd", None) if optim == "sgd" else ("adamw", True)
+    m1, o1 = tiny_model(optim=kind, fused=fused)
+    m2, o2 = tiny_model(optim=kind, fused=fused)  # the same seed: identical weights
+    for step in range(4):
+        x = torch.randn(4, 8)
+        for model, opt, scaler in ((m1, o1, ours), (m2, o2, theirs)):
+            opt.zero_grad()
+            backward(model, scaler, x)
+            if entry == "unscale_and_clip_" and scaler is ours:
+                stats = ours.unscale_and_clip_(opt, max_norm=0.05)
+                assert stats.clip_coef.item() < 1  # the clip did run
+            elif entry != "step":
+                scaler.unscale_(opt)
+                if entry == "unscale_and_clip_":
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                    assert rel_close(stats.total_norm.item(), norm.item(), 1e-6), step
+                else:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            assert not hasattr(opt, "grad_scale")  # nothing handed to the optimizer
+            scaler.step(opt)
+            scaler.update()
+        if entry == "unscale_and_clip_":  # FusedClipper's norm vs torch's: the coefficient's last bit may differ
+            for a, b in zip(m1.parameters(), m2.parameters()):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        else:
+            assert all(bitwise_equal(a.detach(), b.detach()) for a, b in zip(m1.parameters(), m2.parameters()))
+    assert not ours.is_enabled() and ours.get_scale() == theirs.get_scale() == 1.0
+    assert ours.loss_scale.item() == 1.0 and ours.inv_scale is None
+    assert ours.state_dict() == theirs.state_dict() == {}
+    ours.load_state_dict({})  # a no-op when disabled, as torch's
+    assert pickle.loads(pickle.dumps(ours)).get_scale() == 1.0
+
+
+def test_a_disabled_scaler_does_not_unscale_fp16_or_check():
+    # torch's disabled scaler never looks at the gradients: no fp16 refusal, no inf check, no skip
+    model = torch.nn.Linear(4, 3).half()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = DynamicLossScaler("cpu", enabled=False)
+    for _ in range(2):
+        opt.zero_grad()
+        scaler.scale(model(torch.randn(2, 4).half()).float().sum()).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        stats = scaler.unscale_and_clip_(opt, max_norm=1e9)
+        assert all(bitwise_equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # nothing unscaled
+        scaler.step(opt)
+        scaler.update()
+    assert stats.found_inf.item() == 0.0
+
+
+# ------------------------------------------------------------------------------------------ copies
+
+
+def copied(how, obj):
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(obj))
+    if how == "deepcopy":
+        return copy.deepcopy(obj)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+COPIES = ["pickle", "deepcopy", "torch.save"]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("how", COPIES)
+@pytest.mark.parametrize("when", ["fresh", "after_scale", "after_update"])
+def test_a_copied_scaler_continues_bit_for_bit(how, when, device):
+    rng = random.Random(3)
+    xs = [torch.randn(4, 8, device=device) for _ in range(16)]
+    bad = [rng.random() < 0.3 for _ in xs]
+    start = 0 if when == "fresh" else 8
+    # deferred clips into a fused optimizer: the scaler holds a clipper, which hooked the optimizer
+    model, opt = tiny_model(optim="adamw", fused=True, device=device)
+    scaler = DynamicLossScaler(device, init_scale=256.0, growth_interval=2, hysteresis=2, history_size=8)
+
+    def losses(model, scaler, i):
+        return scaler.scale(model(xs[i]).pow(2).mean())
+
+    def train(model, opt, scaler, steps, backward_done=False):
+        scales = []
+        for i in steps:
+            if not (backward_done and i == steps[0]):
+                losses(model, scaler, i).backward()
+            if bad[i]:
+                model[0].weight.grad.view(-1)[1] = math.inf
+            scaler.unscale_and_clip_(opt, max_norm=0.5)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            scales.append(scaler.get_scale())
+        return scales
+
+    train(model, opt, scaler, range(start))
+    twin, twin_opt = tiny_model(seed=9, optim="adamw", fused=True, device=device)
+    twin.load_state_dict(model.state_dict())
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # a state dict holds references
+    if when == "after_scale":  # both losses scaled by the original, then copied; backward leaves it alone
+        scaled = [losses(model, scaler, start), losses(twin, scaler, start)]
+    copy_of = copied(how, scaler)
+    if when == "after_scale":
+        for loss in scaled:
+            loss.backward()
+    steps = range(start, len(xs))
+    done = when == "after_scale"
+    assert train(model, opt, scaler, steps, done) == train(twin, twin_opt, copy_of, steps, done)
+    assert all(bitwise_equal(a.detach(), b.detach()) for a, b in zip(model.parameters(), twin.parameters()))
+    h1, h2 = scaler.history(), copy_of.history()
+    assert all(bitwise_equal(h1[k], h2[k]) for k in h1) and h1["found_inf"].sum() > 0
+    assert scaler.state_dict()["_hysteresis_tracker"] == copy_of.state_dict()["_hysteresis_tracker"]
+
+
+@pytest.mark.parametrize("how", COPIES)
+def test_a_scaler_is_copied_between_iterations_only_as_torchs(how):
+    # Between an iteration's first unscale_/step and its update() both refuse (AssertionError, torch's type);
+    # disabled, both copy at any point.
+    model, opt = tiny_model()
+    ours, theirs = DynamicLossScaler("cpu"), torch.amp.GradScaler("cpu")
+    for scaler in (ours, theirs):
+        opt.zero_grad()
+        backward(model, scaler, torch.randn(2, 8))
+        copied(how, scaler)
+        scaler.unscale_(opt)
+        with pytest.raises(AssertionError, match="may only be pickled"):
+            copied(how, scaler)
+        scaler.step(opt)
+        with pytest.raises(AssertionError, match="may only be pickled"):
+            copied(how, scaler)
+        scaler.update()
+        copied(how, scaler)
+    opt.zero_grad()
+    backward(model, ours, torch.randn(2, 8))
+    ours.unscale_and_clip_(opt, max_norm=1.0)
+    with pytest.raises(AssertionError, match="may only be pickled"):
+        copied(how, ours)
+    for scaler in (DynamicLossScaler("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False)):
+        backward(model, scaler, torch.randn(2, 8))
+        scaler.unscale_(opt)
+        copied(how, scaler)
+
+
+# ------------------------------------------------------------------------------------------ grad_scaler keyword
+
+
+class ScalerAwareSGD(torch.optim.Optimizer):
+    """An optimizer of torch's older contract: it takes the scaler as ``grad_scaler`` and unscales through it."""
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+        self.received = []
+
+    @torch.no_grad()
+    def step(self, closure=None, grad_scaler=None):
+        self.received.append(grad_scaler)
+        self.attributes = (hasattr(self, "grad_scale"), hasattr(self, "found_inf"))
+        grad_scaler.unscale_(self)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad, alpha=-group["lr"])
+
+
+def test_step_hands_the_scaler_to_an_optimizer_that_takes_grad_scaler():
+    models = [torch.nn.Linear(6, 3) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [ScalerAwareSGD(m.parameters(), lr=0.1) for m in models]
+    ours = DynamicLossScaler("cpu", init_scale=512.0)
+    theirs = torch.amp.GradScaler("cpu", init_scale=512.0)
+    messages = {}
+    for step in range(3):
+        x = torch.randn(4, 6)
+        for model, opt, scaler in ((models[0], opts[0], ours), (models[1], opts[1], theirs)):
+            opt.zero_grad()
+            scaler.scale(model(x).pow(2).sum()).backward()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                scaler.step(opt)
+            assert [w.category for w in caught] == [FutureWarning]
+            assert caught[0].filename == __file__  # stacklevel: the caller's line, as torch's
+            messages[scaler is ours] = str(caught[0].message)
+            assert opt.received[-1] is scaler and opt.attributes == (False, False)
+            scaler.update()
+        assert messages[True] == messages[False]  # torch's words, so that the same filters apply
+        assert ours.get_scale() == theirs.get_scale()
+        assert all(bitwise_equal(a.detach(), b.detach()) for a, b in zip(*(m.parameters() for m in models)))
+    # unscale_and_clip_ "auto" does not defer into it (it need not read grad_scale): it unscales in place
+    opts[0].zero_grad()
+    ours.scale(models[0](torch.randn(4, 6)).pow(2).sum()).backward()
+    scaled = [p.grad.clone() for p in models[0].parameters()]
+    ours.unscale_and_clip_(opts[0], max_norm=1e9)
+    assert not hasattr(opts[0], "grad_scale")
+    for p, g in zip(models[0].parameters(), scaled):
+        torch.testing.assert_close(p.grad, g / 512.0, rtol=1e-6, atol=0)
