@@ -77,6 +77,7 @@ class Settings:
                 SCENARIO_FLOOR.get(providers[p].scenario) for p in wanted}
             providers = {k: v for k, v in providers.items() if k in set(wanted) | needed}
         self.providers = providers
+        self.skipped: list[dict] = []  # cases a provider cannot run here, with the reason (test_clip.py)
         flush = 4 * 2**20 if self.quick else min(2 * llc_bytes(), 2**29)
         # Between timed calls: evict the previous call's lines (CPU: read twice the last-level cache; GPU:
         # write 256 MiB, as triton.testing.do_bench clears the L2). Written once here: pages never written
@@ -155,4 +156,5 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
                    "rounds": settings.rounds, "sets": settings.sets, "budget_bytes": settings.budget_bytes,
                    "flush_bytes": settings.flush.numel() * 4, "quick": settings.quick,
                    "scenario_floor_n": SCENARIO_FLOOR_N},
+        "skipped": settings.skipped,
     }

@@ -16,6 +16,7 @@ Scenarios (N = the gradient bytes):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -44,6 +45,8 @@ class Provider:
     reference: Optional[Callable] = None  # the ampclip.reference baseline a torch provider must equal
     needs_cuda: bool = False
     needs_compile: bool = False
+    # why this provider cannot run on gradients of a dtype on a device (None: it can); asked before setup
+    unsupported: Optional[Callable[[torch.dtype, torch.device], Optional[str]]] = None
 
     @property
     def flat(self) -> bool:
@@ -52,6 +55,20 @@ class Provider:
 
 
 # ------------------------------------------------------------------------------------------------ torch
+@functools.lru_cache(maxsize=None)
+def torch_unscale_missing(dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """Why torch's GradScaler cannot unscale ``dtype`` gradients on ``device``, or None when it can. torch is
+    asked itself, with one call on a one-element tensor: its CUDA kernel has no bfloat16 (torch 2.11) while
+    its CPU kernel has, and a later torch may add it."""
+    grad = torch.ones(1, device=device).to(dtype)
+    try:
+        torch._amp_foreach_non_finite_check_and_unscale_(
+            [grad], torch.zeros((), device=device), torch.ones((), device=device))
+    except NotImplementedError as e:
+        return f"torch's GradScaler cannot unscale {dtype} gradients on {device.type}: {str(e).splitlines()[0]}"
+    return None
+
+
 def _torch_clip(gs: GradSets):
     # reference.torch_clip_grad_norm minus its per-call wrapping of every gradient (not torch's cost): the
     # parameters are built once. The check proves the two are bitwise equal.
@@ -176,9 +193,10 @@ def _providers() -> dict[str, Provider]:
         "floor_read": Provider(_floor(False), "floor", 1, "sum() of one flat buffer: the floor of any norm"),
         "torch_chain": Provider(_torch_chain, "unscale_clip", 5,
                                 "GradScaler.unscale_ + clip_grad_norm_(foreach=True)",
-                                reference=reference.torch_unscale_and_clip),
+                                reference=reference.torch_unscale_and_clip, unsupported=torch_unscale_missing),
         "torch_compile_chain": Provider(_torch_compile_chain, "unscale_clip", 5,
-                                        "torch.compile of the torch chain", needs_compile=True),
+                                        "torch.compile of the torch chain", needs_compile=True,
+                                        unsupported=torch_unscale_missing),
         "torch_clip": Provider(_torch_clip, "clip", 3, "torch.nn.utils.clip_grad_norm_(foreach=True)",
                                reference=reference.torch_clip_grad_norm),
         "ampclip_dropin": Provider(_ampclip_dropin, "clip", 3, "ampclip.clip_grad_norm_"),

@@ -1,13 +1,19 @@
 """Every provider on every workload and dtype: checked once, then timed by pytest-benchmark with the cache
 flushed before each call (see conftest.py for the options, providers.py for what is timed)."""
 
+import pytest
 import torch
 
 from .providers import SCENARIO_BASELINE, SCENARIO_FLOOR, SCENARIO_FLOOR_N, check
+from .workloads import DTYPES
 
 
 def test_clip(benchmark, settings, gradsets, workload, dtype, provider):
     prov = settings.providers[provider]
+    reason = prov.unsupported and prov.unsupported(DTYPES[dtype], settings.device)
+    if reason:  # recorded in the results, so the report lists it beside the cases that ran
+        settings.skipped.append({"workload": workload, "dtype": dtype, "provider": provider, "reason": reason})
+        pytest.skip(f"{provider}: {reason}")
     gs = gradsets
     gs.mode = prov.scenario if not prov.flat else "noclip"
     gs.resync()
