@@ -17,17 +17,16 @@ namespace {
 
 using namespace py;
 
-// The tensors of a list or tuple of plain tensors; false when one needs the dispatcher.
-bool tensor_list(PyObject* seq, std::vector<at::Tensor>& out, int64_t& numel) {
-  if (!PyList_Check(seq) && !PyTuple_Check(seq)) return false;
-  const Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
-  PyObject** items = PySequence_Fast_ITEMS(seq);
+// The tensors of a list or tuple read as kOk by tensor_items(), each checked (check_grad) before any is used.
+bool checked_tensors(PyObject* const* items, Py_ssize_t count, bool writable, const char* op,
+                     std::vector<at::Tensor>& out, int64_t& numel) {
   out.reserve(count);
   numel = 0;
   for (Py_ssize_t i = 0; i < count; ++i) {
-    if (!is_plain(items[i])) return false;
-    out.push_back(THPVariable_Unpack(items[i]));
-    numel += out.back().numel();
+    const at::Tensor& t = THPVariable_Unpack(items[i]);
+    if (!check_grad(t, i, op, writable)) return false;
+    out.push_back(t);
+    numel += t.numel();
   }
   return true;
 }
@@ -35,39 +34,56 @@ bool tensor_list(PyObject* seq, std::vector<at::Tensor>& out, int64_t& numel) {
 // unit_norm_pass(tensors, inv_scale, norm_type) -> (unit_norms, per_tensor, total, found_inf) | None
 PyObject* unit_norm_pass(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
+  constexpr const char* op = "ampclip unit_norm_pass";
   if (!check_nargs(nargs, 3, "unit_norm_pass(tensors, inv_scale, norm_type)")) return nullptr;
-  const double norm_type = PyFloat_AsDouble(args[2]);
-  if (PyErr_Occurred()) return nullptr;
-  std::vector<at::Tensor> tensors;
+  double norm_type = 0.0;
+  if (!double_arg(args[2], op, "norm_type", norm_type) || !check_norm_type(norm_type, op)) return nullptr;
+  if (modes_active()) Py_RETURN_NONE;
   std::optional<at::Tensor> inv_scale;
+  PyObject** items = nullptr;
+  Py_ssize_t count = 0;
+  const Read read = read_in_order([&] { return optional_tensor(args[1], op, "inv_scale", inv_scale); },
+                                  [&] { return tensor_items(args[0], op, "tensors", items, count); });
+  if (read != Read::kOk) return answer(read);
+  std::vector<at::Tensor> tensors;
   int64_t numel = 0;
-  if (modes_active() || !optional_tensor(args[1], inv_scale) || !tensor_list(args[0], tensors, numel)) {
-    Py_RETURN_NONE;
+  if (!check_optional_scalar(inv_scale, op, "inv_scale") ||
+      !checked_tensors(items, count, /*writable=*/false, op, tensors, numel)) {
+    return nullptr;
   }
   auto [units, per_tensor, total, found_inf] =
       run_releasing_gil_if_large(numel, [&] { return unit_norm_pass_cpu(tensors, inv_scale, norm_type); });
-  return PyTuple_Pack(4, THPVariable_Wrap(std::move(units)), THPVariable_Wrap(std::move(per_tensor)),
-                      THPVariable_Wrap(std::move(total)), THPVariable_Wrap(std::move(found_inf)));
+  return tuple_of(std::move(units), std::move(per_tensor), std::move(total), std::move(found_inf));
   END_HANDLE_TH_ERRORS
 }
 
 // unit_scale_pass(grads, coef, inv_scale, found_inf, zero_if_inf) -> True | None
 PyObject* unit_scale_pass(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
+  constexpr const char* op = "ampclip unit_scale_pass";
   if (!check_nargs(nargs, 5, "unit_scale_pass(grads, coef, inv_scale, found_inf, zero_if_inf)")) return nullptr;
-  const int zero_if_inf = PyObject_IsTrue(args[4]);
-  if (zero_if_inf < 0) return nullptr;
-  std::vector<at::Tensor> grads;
+  bool zero_if_inf = false;
+  if (!bool_arg(args[4], op, "zero_if_inf", zero_if_inf)) return nullptr;
+  if (modes_active()) Py_RETURN_NONE;
   at::Tensor coef;
   std::optional<at::Tensor> inv_scale, found_inf;
+  PyObject** items = nullptr;
+  Py_ssize_t count = 0;
+  const Read read = read_in_order([&] { return tensor_arg(args[1], op, "coef", coef); },
+                                  [&] { return optional_tensor(args[2], op, "inv_scale", inv_scale); },
+                                  [&] { return optional_tensor(args[3], op, "found_inf", found_inf); },
+                                  [&] { return tensor_items(args[0], op, "grads", items, count); });
+  if (read != Read::kOk) return answer(read);
+  std::vector<at::Tensor> grads;
   int64_t numel = 0;
-  if (modes_active() || !tensor_arg(args[1], coef) || !optional_tensor(args[2], inv_scale) ||
-      !optional_tensor(args[3], found_inf) || !tensor_list(args[0], grads, numel)) {
-    Py_RETURN_NONE;
+  if (!check_optional_scalar(inv_scale, op, "inv_scale") || !check_optional_scalar(found_inf, op, "found_inf") ||
+      !checked_tensors(items, count, /*writable=*/true, op, grads, numel)) {
+    return nullptr;
   }
-  run_releasing_gil_if_large(numel, [&] {
-    unit_scale_pass_cpu(grads, coef, inv_scale, found_inf, zero_if_inf != 0);
-  });
+  int64_t units = 0;
+  for (const auto& g : grads) units += unit_count(g);
+  if (!check_floats(coef, op, "coef (one entry per unit)", units, /*one_dim=*/false)) return nullptr;
+  run_releasing_gil_if_large(numel, [&] { unit_scale_pass_cpu(grads, coef, inv_scale, found_inf, zero_if_inf); });
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }
@@ -75,17 +91,31 @@ PyObject* unit_scale_pass(PyObject* /*module*/, PyObject* const* args, Py_ssize_
 // unit_clip_finalize(param_norms, grad_norms, clip_factor, eps, norm_type) -> (coef, post_clip_norm) | None
 PyObject* unit_clip_finalize(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
+  constexpr const char* op = "ampclip unit_clip_finalize";
   if (!check_nargs(nargs, 5, "unit_clip_finalize(param_norms, grad_norms, clip_factor, eps, norm_type)")) {
     return nullptr;
   }
-  const double clip_factor = PyFloat_AsDouble(args[2]);
-  const double eps = PyFloat_AsDouble(args[3]);
-  const double norm_type = PyFloat_AsDouble(args[4]);
-  if (PyErr_Occurred()) return nullptr;
+  double clip_factor = 0.0, eps = 0.0, norm_type = 0.0;
+  if (!double_arg(args[2], op, "clip_factor", clip_factor) || !double_arg(args[3], op, "eps", eps) ||
+      !double_arg(args[4], op, "norm_type", norm_type) || !check_norm_type(norm_type, op)) {
+    return nullptr;
+  }
+  if (modes_active()) Py_RETURN_NONE;
   at::Tensor param_norms, grad_norms;
-  if (modes_active() || !tensor_arg(args[0], param_norms) || !tensor_arg(args[1], grad_norms)) Py_RETURN_NONE;
+  const Read read = read_in_order([&] { return tensor_arg(args[0], op, "param_norms", param_norms); },
+                                  [&] { return tensor_arg(args[1], op, "grad_norms", grad_norms); });
+  if (read != Read::kOk) return answer(read);
+  if (!check_floats(grad_norms, op, "grad_norms", -1, /*one_dim=*/false) ||
+      !check_floats(param_norms, op, "param_norms (one per unit, as grad_norms)", grad_norms.numel(),
+                    /*one_dim=*/false)) {
+    return nullptr;
+  }
+  if (grad_norms.scalar_type() != at::kFloat && grad_norms.scalar_type() != at::kDouble) {
+    return error(Bad::kType, std::string(op) + ": grad_norms must be float32 or float64 (the norms' dtype), got " +
+                                 dtype_name(grad_norms));
+  }
   auto [coef, post] = unit_clip_finalize_cpu(param_norms, grad_norms, clip_factor, eps, norm_type);
-  return PyTuple_Pack(2, THPVariable_Wrap(std::move(coef)), THPVariable_Wrap(std::move(post)));
+  return tuple_of(std::move(coef), std::move(post));
   END_HANDLE_TH_ERRORS
 }
 
@@ -93,25 +123,38 @@ PyObject* unit_clip_finalize(PyObject* /*module*/, PyObject* const* args, Py_ssi
 //              skip_update_on_spike) -> bound | None
 PyObject* zclip_update(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
+  constexpr const char* op = "ampclip zclip_update";
   if (!check_nargs(nargs, 11, "zclip_update(state, warmup, total, found_inf, alpha, z_thresh, max_grad_norm, eps, "
                               "rule, clip_factor, skip_update_on_spike)")) {
     return nullptr;
   }
-  const double alpha = PyFloat_AsDouble(args[4]);
-  const double z_thresh = PyFloat_AsDouble(args[5]);
-  const double max_grad_norm = PyFloat_AsDouble(args[6]);
-  const double eps = PyFloat_AsDouble(args[7]);
-  const int64_t rule = PyLong_AsLongLong(args[8]);
-  const double clip_factor = PyFloat_AsDouble(args[9]);
-  const int skip = PyObject_IsTrue(args[10]);
-  if (PyErr_Occurred() || skip < 0) return nullptr;
+  double alpha = 0.0, z_thresh = 0.0, max_grad_norm = 0.0, eps = 0.0, clip_factor = 0.0;
+  int64_t rule = 0;
+  bool skip = false;
+  if (!double_arg(args[4], op, "alpha", alpha) || !double_arg(args[5], op, "z_thresh", z_thresh) ||
+      !double_arg(args[6], op, "max_grad_norm", max_grad_norm) || !double_arg(args[7], op, "eps", eps) ||
+      !int_arg(args[8], op, "rule", rule) || !double_arg(args[9], op, "clip_factor", clip_factor) ||
+      !bool_arg(args[10], op, "skip_update_on_spike", skip)) {
+    return nullptr;
+  }
+  if (rule < 0 || rule > 2) return error(Bad::kValue, std::string(op) + ": rule must be 0, 1 or 2");
+  if (modes_active()) Py_RETURN_NONE;
   at::Tensor state, warmup, total, found_inf;
-  if (modes_active() || !tensor_arg(args[0], state) || !tensor_arg(args[1], warmup) || !tensor_arg(args[2], total) ||
-      !tensor_arg(args[3], found_inf)) {
-    Py_RETURN_NONE;
+  const Read read = read_in_order([&] { return tensor_arg(args[0], op, "state", state); },
+                                  [&] { return tensor_arg(args[1], op, "warmup", warmup); },
+                                  [&] { return tensor_arg(args[2], op, "total", total); },
+                                  [&] { return tensor_arg(args[3], op, "found_inf", found_inf); });
+  if (read != Read::kOk) return answer(read);
+  if (!check_state(state, op, "state", at::kDouble, {4}) || !check_state(warmup, op, "warmup", at::kDouble, {-1}) ||
+      !check_scalar(total, op, "total") || !check_scalar(found_inf, op, "found_inf")) {
+    return nullptr;
+  }
+  if (warmup.numel() < 1) return error(Bad::kValue, std::string(op) + ": warmup must hold at least one element");
+  if (total.scalar_type() != at::kFloat && total.scalar_type() != at::kDouble) {
+    return error(Bad::kType, std::string(op) + ": total must be float32 or float64, got " + dtype_name(total));
   }
   return THPVariable_Wrap(zclip_update_cpu(state, warmup, total, found_inf, alpha, z_thresh, max_grad_norm, eps,
-                                           rule, clip_factor, skip != 0));
+                                           rule, clip_factor, skip));
   END_HANDLE_TH_ERRORS
 }
 

@@ -85,7 +85,10 @@ struct TableArgs {
 };
 
 checks::TableInfo table_of(const TableArgs& t) {
-  return checks::check_table(t.ptrs, t.numels, t.codes, t.chunk_begin, t.chunk_tensor, t.chunk, "test", kHere);
+  checks::Problem problem;
+  return checks::required(
+      checks::check_table(t.ptrs, t.numels, t.codes, t.chunk_begin, t.chunk_tensor, t.chunk, "test", kHere, problem),
+      problem);
 }
 
 void table_checks() {
@@ -121,8 +124,43 @@ checks::NormPlan norm_plan(double norm_type, const std::optional<at::Tensor>& in
                            std::optional<double> lo = std::nullopt, std::optional<double> hi = std::nullopt,
                            bool fp64 = false) {
   TableArgs t;
-  return checks::check_norm_pass(t.ptrs, t.numels, t.codes, t.chunk_begin, t.chunk_tensor, t.chunk, fp64, inv_scale,
-                                 norm_type, lo, hi, kHere);
+  checks::Problem problem;
+  return checks::required(checks::check_norm_pass(t.ptrs, t.numels, t.codes, t.chunk_begin, t.chunk_tensor, t.chunk,
+                                                  fp64, inv_scale, norm_type, lo, hi, problem, kHere),
+                          problem);
+}
+
+// A failed check throws nothing: it returns no plan and says why in the Problem, which the Python entries turn
+// into a TypeError (wrong kind of tensor) or ValueError (wrong device, size or value).
+void problem_checks() {
+  TableArgs t;
+  t.codes = floats({3});
+  checks::Problem problem;
+  bool threw = false;
+  std::optional<checks::TableInfo> info;
+  try {
+    info = checks::check_table(t.ptrs, t.numels, t.codes, t.chunk_begin, t.chunk_tensor, t.chunk, "test", kHere,
+                               problem);
+  } catch (...) {
+    threw = true;
+  }
+  expect("a failed check does not throw", !threw && !info.has_value());
+  expect("a wrong dtype is a type error", problem.type_error && problem.message.find("codes must be int64") !=
+                                                                    std::string::npos);
+  checks::Problem device_problem;
+  t = TableArgs{};
+  t.numels = on_meta({3}, at::kLong);
+  expect("a wrong device is a value error",
+         !checks::check_table(t.ptrs, t.numels, t.codes, t.chunk_begin, t.chunk_tensor, t.chunk, "test", kHere,
+                              device_problem) &&
+             !device_problem.type_error && device_problem.message.find("numels must be a CPU") != std::string::npos);
+  checks::Problem sparse_problem;
+  TableArgs sparse;
+  sparse.ptrs = at::empty({3}, at::TensorOptions().dtype(at::kLong).layout(at::kSparse));
+  expect("a sparse section is refused before its strides are read",
+         !checks::check_table(sparse.ptrs, sparse.numels, sparse.codes, sparse.chunk_begin, sparse.chunk_tensor,
+                              sparse.chunk, "test", kHere, sparse_problem) &&
+             sparse_problem.type_error);
 }
 
 void norm_checks() {
@@ -155,8 +193,10 @@ void norm_checks() {
 checks::ScalePlan scale_plan(const at::Tensor& coef, const std::optional<at::Tensor>& found_inf = std::nullopt,
                              std::optional<double> lo = std::nullopt, std::optional<double> hi = std::nullopt) {
   TableArgs t;
-  return checks::check_scale_pass(t.ptrs, t.numels, t.codes, t.chunk_begin, t.chunk_tensor, t.chunk, coef,
-                                  std::nullopt, lo, hi, found_inf, kHere);
+  checks::Problem problem;
+  return checks::required(checks::check_scale_pass(t.ptrs, t.numels, t.codes, t.chunk_begin, t.chunk_tensor, t.chunk,
+                                                   coef, std::nullopt, lo, hi, found_inf, problem, kHere),
+                          problem);
 }
 
 void scale_checks() {
@@ -188,8 +228,10 @@ struct FinalizeArgs {
 };
 
 checks::FinalizePlan finalize_plan(const FinalizeArgs& a) {
-  return checks::check_clip_finalize(a.per_tensor, a.total, a.max_norm, a.mode, a.group_index, a.num_groups,
-                                     a.norm_type, a.eps, a.rule, kHere);
+  checks::Problem problem;
+  return checks::required(checks::check_clip_finalize(a.per_tensor, a.total, a.max_norm, a.mode, a.group_index,
+                                                      a.num_groups, a.norm_type, a.eps, a.rule, problem, kHere),
+                          problem);
 }
 
 void finalize_checks() {
@@ -488,6 +530,7 @@ void math_checks() {
 
 int main() {
   table_checks();
+  problem_checks();
   norm_checks();
   scale_checks();
   finalize_checks();

@@ -4,8 +4,10 @@
 // lanes; every kBlock elements the lanes are folded into a double partial. The work is cut into fixed
 // chunks of kChunk elements, each chunk writes its own partial, and the partials are reduced in a fixed
 // order afterwards, so the norm is bitwise identical whatever the thread count. A chunk whose float lanes
-// overflowed although every element is finite (squares past 3.4e38: |g| > 1.8e19) is measured again with
-// double accumulation, so the norm is right whenever a double holds its sum of squares.
+// overflowed although every element is finite (squares past 3.4e38: |g| > 1.8e19), or whose squares may have
+// underflowed (a tiny sum from elements that are not all zero: |g| < 1e-19), is measured again with double
+// accumulation, so the norm is right whenever a double holds its sum of squares; a norm past float32's range
+// comes back as inf, as torch returns it.
 //
 // scale_pass: one read and one write, g <- clamp(g * inv_scale, lo, hi) * coef. On the CPU the values of
 // coef, inv_scale and found_inf cost nothing to read, so tensors that would be multiplied by exactly 1 are
@@ -355,6 +357,26 @@ double reduce_wide(const scalar_t* x, int64_t n, const Transform& tr, double p) 
   return acc;
 }
 
+// Whether any of x[0:n] is not zero (either sign): its bits with the sign masked off, OR-ed together.
+template <typename scalar_t>
+bool any_nonzero(const scalar_t* x, int64_t n) {
+  using bits_t = std::conditional_t<sizeof(scalar_t) == 2, uint16_t, std::conditional_t<sizeof(scalar_t) == 4,
+                                                                                          uint32_t, uint64_t>>;
+  constexpr bits_t kMagnitude = static_cast<bits_t>(~bits_t{0}) >> 1;
+  bits_t seen = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    bits_t b;
+    std::memcpy(&b, x + i, sizeof(b));
+    seen |= b & kMagnitude;
+  }
+  return seen != 0;
+}
+
+// A chunk's sum of |u|^p below this is measured again in double when the chunk is not all zeros: p-th
+// powers below float's smallest normal (1.2e-38) lose their bits in float lanes (the square of |u| < 2.6e-23
+// is 0), which at a sum past 2^-64 moves it by at most 2^16 * 2^-126 / 2^-64 = 2^-46 of itself.
+constexpr double kTinyPartial = 5.421010862427522e-20;  // 2^-64
+
 template <typename scalar_t, NormKind kind>
 double reduce_kind(const scalar_t* x, int64_t n, const Transform& tr, double p, bool& nonfinite) {
   double partial;
@@ -365,7 +387,10 @@ double reduce_kind(const scalar_t* x, int64_t n, const Transform& tr, double p, 
                          : reduce_chunk<scalar_t, kind, false>(x, n, tr.inv, p);
     nonfinite = !std::isfinite(partial) && has_nonfinite(x, n, tr.unscale ? tr.inv : 1.0);
   }
-  if (!std::isfinite(partial) && !nonfinite) partial = reduce_wide<scalar_t, kind>(x, n, tr, p);
+  if (!std::isfinite(partial) && !nonfinite) return reduce_wide<scalar_t, kind>(x, n, tr, p);  // overflowed
+  if constexpr ((kind == NormKind::kL2 || kind == NormKind::kP) && !std::is_same_v<scalar_t, double>) {
+    if (partial < kTinyPartial && any_nonzero(x, n)) return reduce_wide<scalar_t, kind>(x, n, tr, p);  // underflowed
+  }
   return partial;
 }
 
@@ -650,17 +675,25 @@ static bool is_kernel_dtype(at::ScalarType t) {
 }
 
 bool is_kernel_grad(const at::Tensor& g) {
-  return g.layout() == at::kStrided && g.device().is_cpu() && is_kernel_dtype(g.scalar_type());
+  return !g.is_nested() && g.layout() == at::kStrided && g.device().is_cpu() && is_kernel_dtype(g.scalar_type());
 }
 
-void check_grad(const at::Tensor& g, size_t index, const char* op, bool writable) {
-  TORCH_CHECK_TYPE(g.layout() == at::kStrided, op, ": gradient ", index, " is not dense (layout ", g.layout(), ")");
+void check_kernel_grad(const at::Tensor& g, size_t index, const char* op, bool writable) {
+  TORCH_CHECK_TYPE(!g.is_nested() && g.layout() == at::kStrided, op, ": gradient ", index, " is not dense");
   TORCH_CHECK_VALUE(g.device().is_cpu(), op, ": gradient ", index, " is on ", g.device(), ", expected the CPU");
   TORCH_CHECK_TYPE(is_kernel_dtype(g.scalar_type()), op, ": gradient ", index, " has dtype ", g.scalar_type(),
                    "; expected float16, bfloat16, float32 or float64");
   TORCH_CHECK_VALUE(!writable || at::has_internal_overlap(g) != at::MemOverlap::Yes, op, ": gradient ", index,
                     " has elements that share memory (an expanded tensor, stride 0): it cannot be written in "
                     "place; clone it first");
+}
+
+at::Tensor scalar_of(double value, const at::TensorOptions& options) {
+  auto out = at::empty({}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "ampclip_scalar_of", [&] {
+    *out.mutable_data_ptr<scalar_t>() = round_to<scalar_t>(value);
+  });
+  return out;
 }
 
 double read_scalar(const at::Tensor& t, const char* what) {
@@ -680,10 +713,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_pass_cpu(const CpuGrads& gra
   auto norms = at::empty({num_tensors}, options);
   AT_DISPATCH_FLOATING_TYPES(norms.scalar_type(), "ampclip_norm_pass_out", [&] {
     auto* out = norms.mutable_data_ptr<scalar_t>();
-    for (int64_t t = 0; t < num_tensors; ++t) out[t] = static_cast<scalar_t>(finish_norm(sums.per_tensor[t], kind, norm_type));
+    for (int64_t t = 0; t < num_tensors; ++t) out[t] = round_to<scalar_t>(finish_norm(sums.per_tensor[t], kind, norm_type));
   });
-  auto total_norm = at::scalar_tensor(finish_norm(sums.total, kind, norm_type), options);
-  auto found_inf = at::scalar_tensor(sums.found_inf ? 1.0 : 0.0, at::TensorOptions().dtype(at::kFloat));
+  auto total_norm = scalar_of(finish_norm(sums.total, kind, norm_type), options);
+  auto found_inf = scalar_of(sums.found_inf ? 1.0 : 0.0, at::TensorOptions().dtype(at::kFloat));
   return {norms, total_norm, found_inf};
 }
 
@@ -769,9 +802,9 @@ at::Tensor clip_grad_norm_cpu(CpuGrads& grads, double max_norm, double norm_type
   const auto sums = reduce(grads, Transform{}, kind, norm_type);
   const double norm = finish_norm(sums.total, kind, norm_type);
   const double coef = grads.any_double ? clip_coefficient<double>(norm, max_norm, kTorchEps, 0)
-                                       : clip_coefficient<float>(static_cast<float>(norm), max_norm, kTorchEps, 0);
+                                       : clip_coefficient<float>(round_to<float>(norm), max_norm, kTorchEps, 0);
   scale(grads, {coef}, Transform{});
-  return at::scalar_tensor(norm, norm_options(grads));
+  return scalar_of(norm, norm_options(grads));
 }
 
 }  // namespace ampclip

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -15,6 +17,24 @@ namespace ampclip {
 
 // torch.nn.utils.clip_grad_norm_'s eps, for the drop-in's fused clip.
 constexpr double kTorchEps = 1e-6;
+
+// v in T, rounded as IEEE rounds it: a double past T's range becomes inf, as torch's own casts give it (a plain
+// static_cast of an out-of-range double is undefined behaviour, and at::scalar_tensor throws for it). A norm
+// of finite float32 gradients can pass float32's range: torch returns inf there, and so do the kernels.
+template <typename T>
+T round_to(double v) {
+  if constexpr (std::is_same_v<T, double>) {
+    return v;
+  } else {
+    constexpr double kFirstInf = 3.4028235677973366e38;  // float's largest value plus half its last step
+    constexpr float kInf = std::numeric_limits<float>::infinity();
+    const float f = std::abs(v) >= kFirstInf ? (v > 0 ? kInf : -kInf) : static_cast<float>(v);
+    return static_cast<T>(f);  // float16 and bfloat16 round from float, overflowing to inf
+  }
+}
+
+// A 0-d tensor of `value` in the dtype of `options`, rounded by round_to.
+at::Tensor scalar_of(double value, const at::TensorOptions& options);
 
 // The value clamp [lo, hi] of the op contract.
 using Clamp = std::pair<double, double>;
@@ -44,11 +64,12 @@ struct CpuGrads {
   bool overlapping() const;
 };
 
-// Whether the kernels take g: a dense CPU float16/bfloat16/float32/float64 tensor.
+// Whether the kernels take g: a dense (strided, not nested) CPU float16/bfloat16/float32/float64 tensor.
 bool is_kernel_grad(const at::Tensor& g);
-// Throws (a TypeError or ValueError in Python) naming what is wrong unless is_kernel_grad(g); for a gradient
-// to be written (`writable`), also when elements share memory (an expanded, zero-stride tensor).
-void check_grad(const at::Tensor& g, size_t index, const char* op, bool writable);
+// The kernels' own check of a gradient (the entries check every input first, without throwing; this is the
+// second line): throws naming what is wrong unless is_kernel_grad(g) and, for a gradient to be written
+// (`writable`), no two of its elements share memory.
+void check_kernel_grad(const at::Tensor& g, size_t index, const char* op, bool writable);
 // The p-norm of values[0:n] in double, scaled by the largest |value| so that norms whose p-th powers would
 // overflow still combine (ops.combine_norms); NaN propagates, inf gives inf, no value gives 0.
 double combine_norms(const double* values, int64_t n, double p);
@@ -73,8 +94,8 @@ at::Tensor clip_grad_norm_cpu(CpuGrads& grads, double max_norm, double norm_type
 // max_norm gives 1, not inf / inf). A NaN norm gives a NaN coefficient, as in torch.
 template <typename T>
 T clip_coefficient(T norm, double max_norm, double eps, int64_t rule) {
-  const T shifted = norm + static_cast<T>(eps);
-  const T bound = static_cast<T>(max_norm);
+  const T shifted = norm + round_to<T>(eps);
+  const T bound = round_to<T>(max_norm);
   if (rule == 0) {
     const T coef = (T(1) / shifted) * bound;
     return std::isnan(coef) ? coef : std::min(coef, T(1));

@@ -32,7 +32,7 @@ at::Tensor filled(const std::vector<double>& values, at::IntArrayRef shape, cons
   auto out = at::empty(shape, options);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ampclip_filled", [&] {
     scalar_t* data = out.mutable_data_ptr<scalar_t>();
-    for (size_t i = 0; i < values.size(); ++i) data[i] = static_cast<scalar_t>(values[i]);
+    for (size_t i = 0; i < values.size(); ++i) data[i] = round_to<scalar_t>(values[i]);
   });
   return out;
 }
@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_finalize_cpu(
   std::vector<double> coefs(units.size()), clipped(units.size());
   AT_DISPATCH_FLOATING_TYPES(per_tensor.scalar_type(), "ampclip_clip_finalize", [&] {
     for (size_t u = 0; u < units.size(); ++u) {
-      const auto norm = static_cast<scalar_t>(units[u]);
+      const auto norm = round_to<scalar_t>(units[u]);
       coefs[u] = clip_coefficient<scalar_t>(norm, bound, eps, rule);
       clipped[u] = static_cast<double>(norm) * coefs[u];
     }
@@ -112,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_finalize_cpu(
     group_coef = at::empty({0}, options);
     group_norms = at::empty({0}, options);
   }
-  return {coef, group_coef, group_norms, at::scalar_tensor(post, options)};
+  return {coef, group_coef, group_norms, scalar_of(post, options)};
 }
 
 void scaler_update_cpu(const at::Tensor& state, const at::Tensor& history, const std::optional<at::Tensor>& found_inf,
@@ -137,10 +137,10 @@ void scaler_update_cpu(const at::Tensor& state, const at::Tensor& history, const
     const bool back_off = overflow && st[3] <= 1.0f;
     const bool grow = !overflow && counted >= static_cast<float>(growth_interval);
     // float64 products rounded to float32, as torch's _amp_update_scale_; the bounds as torch.clamp's.
-    const float backed = std::max(static_cast<float>(static_cast<double>(scale) * backoff_factor),
-                                  static_cast<float>(min_scale));
-    float grown = static_cast<float>(static_cast<double>(scale) * growth_factor);
-    grown = std::isfinite(grown) ? std::min(grown, static_cast<float>(max_scale)) : scale;
+    const float backed = std::max(round_to<float>(static_cast<double>(scale) * backoff_factor),
+                                  round_to<float>(min_scale));
+    float grown = round_to<float>(static_cast<double>(scale) * growth_factor);
+    grown = std::isfinite(grown) ? std::min(grown, round_to<float>(max_scale)) : scale;
     st[0] = back_off ? backed : (grow ? grown : scale);
     st[2] = grow ? 0.0f : counted;
     st[3] = overflow ? std::max(st[3] - 1.0f, 1.0f) : static_cast<float>(hysteresis);
@@ -149,7 +149,7 @@ void scaler_update_cpu(const at::Tensor& state, const at::Tensor& history, const
   float* h = history.mutable_data_ptr<float>();
   h[slot] = st[0];
   h[size + slot] = static_cast<float>(found);
-  h[2 * size + slot] = static_cast<float>(norm);
+  h[2 * size + slot] = round_to<float>(norm);
   for (const auto* t : {&state, &history}) t->unsafeGetTensorImpl()->bump_version();
 }
 

@@ -61,7 +61,7 @@ int64_t unit_count(const at::Tensor& t) { return t.dim() > 1 ? t.size(0) : 1; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unit_norm_pass_cpu(
     const std::vector<at::Tensor>& tensors, const std::optional<at::Tensor>& inv_scale, double norm_type) {
-  for (size_t i = 0; i < tensors.size(); ++i) check_grad(tensors[i], i, "ampclip unit_norm_pass", false);
+  for (size_t i = 0; i < tensors.size(); ++i) check_kernel_grad(tensors[i], i, "ampclip unit_norm_pass", false);
   CpuGrads grads;
   grads.spans.reserve(tensors.size());
   for (const auto& t : tensors) grads.add(t, /*writable=*/false);
@@ -75,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unit_norm_pass_cpu(
     int64_t begin = 0;
     for (size_t t = 0; t < counts.size(); ++t) {
       values.assign(units + begin, units + begin + counts[t]);
-      out[t] = static_cast<scalar_t>(combine_norms(values.data(), counts[t], norm_type));
+      out[t] = round_to<scalar_t>(combine_norms(values.data(), counts[t], norm_type));
       begin += counts[t];
     }
   });
@@ -85,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unit_norm_pass_cpu(
 void unit_scale_pass_cpu(const std::vector<at::Tensor>& grads, const at::Tensor& coef,
                          const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf,
                          bool zero_if_inf) {
-  for (size_t i = 0; i < grads.size(); ++i) check_grad(grads[i], i, "ampclip unit_scale_pass", true);
+  for (size_t i = 0; i < grads.size(); ++i) check_kernel_grad(grads[i], i, "ampclip unit_scale_pass", true);
   const auto counts = unit_counts(grads);
   int64_t units = 0;
   for (const int64_t c : counts) units += c;
@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> unit_clip_finalize_cpu(const at::Tensor& para
     const T* g = gn.const_data_ptr<T>();
     const T* p = pn.const_data_ptr<T>();
     T* out = coef.mutable_data_ptr<T>();
-    const T floor_eps = static_cast<T>(eps), factor = static_cast<T>(clip_factor), tiny = static_cast<T>(1e-6);
+    const T floor_eps = round_to<T>(eps), factor = round_to<T>(clip_factor), tiny = static_cast<T>(1e-6);
     const int64_t n = gn.numel();
     std::vector<double> clipped(n);
     for (int64_t i = 0; i < n; ++i) {
@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> unit_clip_finalize_cpu(const at::Tensor& para
       out[i] = c;
       clipped[i] = static_cast<double>(g[i]) * static_cast<double>(c);
     }
-    post = at::scalar_tensor(static_cast<T>(combine_norms(clipped.data(), n, norm_type)), gn.options());
+    post = scalar_of(combine_norms(clipped.data(), n, norm_type), gn.options());
   });
   return {coef, post};
 }

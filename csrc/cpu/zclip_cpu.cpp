@@ -81,7 +81,7 @@ at::Tensor zclip_update_cpu(const at::Tensor& state, const at::Tensor& warmup, c
       s[kVarSlot] = alpha * s[kVarSlot] + (1.0 - alpha) * ((x - s[kMeanSlot]) * (x - s[kMeanSlot]));
     }
   }
-  return at::scalar_tensor(bound, total.options().dtype(total.scalar_type()));
+  return scalar_of(bound, total.options().dtype(total.scalar_type()));
 }
 
 }  // namespace ampclip

@@ -548,8 +548,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_pass(const at::Tensor& ptrs,
                                                          const std::optional<at::Tensor>& inv_scale,
                                                          double norm_type, std::optional<double> clamp_min,
                                                          std::optional<double> clamp_max) {
-  const auto plan = checks::check_norm_pass(ptrs, numels, codes, chunk_begin, chunk_tensor, chunk, fp64, inv_scale,
-                                            norm_type, clamp_min, clamp_max);
+  checks::Problem problem;
+  const auto plan = checks::required(checks::check_norm_pass(ptrs, numels, codes, chunk_begin, chunk_tensor, chunk,
+                                                             fp64, inv_scale, norm_type, clamp_min, clamp_max, problem),
+                                     problem);
   const c10::cuda::CUDAGuard guard(plan.table.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = plan.table.num_tensors;
@@ -591,8 +593,10 @@ void scale_pass(const at::Tensor& ptrs, const at::Tensor& numels, const at::Tens
                 const at::Tensor& chunk_begin, const at::Tensor& chunk_tensor, int64_t chunk, const at::Tensor& coef,
                 const std::optional<at::Tensor>& inv_scale, std::optional<double> clamp_min,
                 std::optional<double> clamp_max, const std::optional<at::Tensor>& found_inf, bool zero_if_inf) {
-  const auto plan = checks::check_scale_pass(ptrs, numels, codes, chunk_begin, chunk_tensor, chunk, coef, inv_scale,
-                                             clamp_min, clamp_max, found_inf);
+  checks::Problem problem;
+  const auto plan = checks::required(checks::check_scale_pass(ptrs, numels, codes, chunk_begin, chunk_tensor, chunk,
+                                                              coef, inv_scale, clamp_min, clamp_max, found_inf, problem),
+                                     problem);
   if (plan.table.num_chunks == 0) return;  // only zero-size tensors: nothing to scale
   const c10::cuda::CUDAGuard guard(plan.table.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -610,8 +614,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_finalize(const a
                                                                          const std::optional<at::Tensor>& group_index,
                                                                          int64_t num_groups, double norm_type,
                                                                          double eps, int64_t rule) {
-  const auto plan = checks::check_clip_finalize(per_tensor, total, max_norm, mode, group_index, num_groups, norm_type,
-                                                eps, rule);
+  checks::Problem problem;
+  const auto plan = checks::required(checks::check_clip_finalize(per_tensor, total, max_norm, mode, group_index,
+                                                                 num_groups, norm_type, eps, rule, problem),
+                                     problem);
   const c10::cuda::CUDAGuard guard(plan.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto options = per_tensor.options();
