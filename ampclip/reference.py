@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .ops import (
+from .contract import (
     GROWTH_TRACKER,
     HYSTERESIS_TRACKER,
     INV_SCALE,
@@ -175,6 +175,22 @@ def clip_finalize(per_tensor, total, max_norm, mode: int, group_index, num_group
     group_coef = coefficient(group_norms, max_norm, eps, rule)
     post = combine_norms(group_norms.double() * group_coef.double(), norm_type).to(total.dtype)
     return group_coef[group_index], group_coef, group_norms, post
+
+
+def grad_scale(inv_scale: Optional[torch.Tensor], coef: torch.Tensor, mode: int) -> torch.Tensor:
+    """What a fused optimizer divides the gradients by to unscale and clip them (global mode): ``1 / (inv_scale *
+    coef)`` in the coefficient's dtype; ``1 / inv_scale`` in per-tensor mode, whose coefficients it cannot take."""
+    scale = torch.ones((), dtype=coef.dtype, device=coef.device) if inv_scale is None else inv_scale.to(coef.dtype)
+    return (scale * coef if mode == 0 else scale).reshape(()).reciprocal()
+
+
+def clip_norm_pass(grads: list[torch.Tensor], inv_scale: Optional[torch.Tensor], norm_type: float, clamp: Clamp,
+                   max_norm: float, mode: int, eps: float, rule: int):
+    """:func:`norm_pass` and :func:`clip_finalize` (global or per-tensor mode, a number as the bound) in one:
+    ``(per_tensor, total, found_inf, coef, post_clip_norm, grad_scale)`` (see :func:`grad_scale`)."""
+    per_tensor, total, found_inf = norm_pass(grads, inv_scale, norm_type, clamp)
+    coef, _, _, post = clip_finalize(per_tensor, total, max_norm, mode, None, 0, norm_type, eps, rule)
+    return per_tensor, total, found_inf, coef, post, grad_scale(inv_scale, coef, mode)
 
 
 def scaler_update(state, history, found_inf, grad_norm, slot: int, growth_factor: float, backoff_factor: float,

@@ -151,10 +151,14 @@ def specializations() -> list[Spec]:
     for acc, norm, has_inv, has_clamp in product(("fp32", "fp64"), range(4), (0, 1), (0, 1)):
         add("_fused_norm_kernel", table + [
             ("inv_scale_ptr", "*fp32" if has_inv else "*i64"), ("partial_out", "*fp64"), ("flag_out", "*fp64"),
-            ("p", "fp32"), ("lo_bits", "i64"), ("hi_bits", "i64"),
+            ("tensor_acc", "*fp64"), ("tensor_flag", "*fp64"), ("tickets", "*i32"), ("norm_out", f"*{acc}"),
+            ("total_out", f"*{acc}"), ("found_out", "*fp32"), ("coef_out", f"*{acc}"), ("post_out", f"*{acc}"),
+            ("grad_scale_out", f"*{acc}"), ("p", "fp32"), ("inv_p", "fp32"), ("lo_bits", "i64"), ("hi_bits", "i64"),
+            ("bound_bits", "i64"), ("eps_bits", "i64"), ("num_tensors", "i32"), ("num_filled", "i32"),
+            ("mode", "i32"), ("rule", "i32"),
         ], dict(ACC=f"tl.float{acc[2:]}", MAX_FINITE=FP64_MAX if acc == "fp64" else FP32_MAX, NORM=norm,
                 HAS_INV=has_inv, HAS_CLAMP=has_clamp, WIDEN=int(acc == "fp32" and norm != 2), CHUNK_SIZE=chunk,
-                BLOCK_SIZE=block))
+                BLOCK_SIZE=block, FINISH_BLOCK=finalize_block, TOTAL_BLOCK_SIZE=total_block))
     for acc, norm in product(("fp32", "fp64"), range(4)):
         add("_tensor_finalize_kernel", [
             ("partials", "*fp64"), ("flags", "*fp64"), ("chunk_begin", "*i64"), ("norm_out", f"*{acc}"),

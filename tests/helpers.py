@@ -131,3 +131,43 @@ def gloo_worker(rank, world_size, port, results):
     finally:
         dist.destroy_process_group()
         os._exit(0)
+
+
+@contextlib.contextmanager
+def counted_launches():
+    """Counts what ``fn`` would launch on a GPU, as a list filled on exit: the names of the Triton kernels the
+    interpreter runs, and the aten ops that launch a kernel (not an allocation, a view, or the read of a CPU
+    scalar, which on a GPU would be a device tensor read on the device)."""
+    import triton.runtime.interpreter as interpreter
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    launches: list[str] = []
+    quiet = {"aten.empty.memory_format", "aten.empty_strided.default", "aten._local_scalar_dense.default",
+             "aten.lift_fresh.default", "aten.detach.default"}
+    inside_kernel = []  # the interpreter's own torch calls, while it runs a kernel, are not launches
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            returns = func._schema.returns
+            view = returns and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+            if not view and str(func) not in quiet and not inside_kernel:
+                launches.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    run = interpreter.InterpretedFunction.run
+
+    def counted(self, *args, grid, warmup, **kwargs):
+        if not warmup:
+            launches.append(f"triton.{self.__name__}")
+        inside_kernel.append(True)
+        try:
+            return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        finally:
+            inside_kernel.pop()
+
+    interpreter.InterpretedFunction.run = counted
+    try:
+        with Recorder():
+            yield launches
+    finally:
+        interpreter.InterpretedFunction.run = run

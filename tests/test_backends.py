@@ -512,3 +512,36 @@ def test_clip_stats_update_counts_and_accumulates(backend):
     assert layers[2].tolist() == [0.5, 0.5, 0.5]
     ops.clip_stats_update(counters, None, torch.tensor([1.0]), torch.tensor(0.2), torch.tensor(0.0), backend=backend)
     assert counters.tolist() == [3.0, 1.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool], ids=str)
+def test_the_small_ops_take_norms_and_coefficients_of_any_real_dtype(backend, dtype):
+    # Values that the narrow dtype holds exactly, so that the float32 results are the reference bit for bit.
+    gen = torch.Generator().manual_seed(5)
+    if dtype == torch.bool:
+        values = torch.rand(40, generator=gen) < 0.5
+    elif dtype.is_floating_point:
+        values = (torch.rand(40, generator=gen) * 4).to(dtype)
+    else:
+        values = torch.randint(0, 9, (40,), generator=gen, dtype=dtype)
+    wide = values.float()
+    total, wide_total = values.float().norm().to(dtype), values.float().norm().to(dtype).float()
+
+    assert bitwise_equal(ops.clip_coef(1.5, total, backend=backend), ops.clip_coef(1.5, wide_total, backend=backend))
+    group_index = torch.arange(40) % 3
+    bound = torch.tensor(2, dtype=dtype)
+    for mode in ("global", "per_tensor", "per_group"):
+        got = ops.clip_finalize(values, total, bound, mode, group_index, 3, backend=backend)
+        want = ops.clip_finalize(wide, wide_total, bound.float(), mode, group_index, 3, backend=backend)
+        assert all(bitwise_equal(a, b) for a, b in zip(got, want)), mode
+    params = (torch.rand(40, generator=gen) * 4).to(dtype) if dtype.is_floating_point else values.flip(0)
+    got = ops.unit_clip_finalize(params, values, 0.5, 1e-3, backend=backend)
+    want = ops.unit_clip_finalize(params.float(), wide, 0.5, 1e-3, backend=backend)
+    assert all(bitwise_equal(a, b) for a, b in zip(got, want))
+    counters, layers = torch.zeros(2, dtype=torch.float64), torch.zeros(3, 40, dtype=torch.float64)
+    coef = values if dtype == torch.bool else (values.float() / 4).to(dtype)
+    ops.clip_stats_update(counters, layers, values, coef, torch.tensor(0.0), backend=backend)
+    want_counters, want_layers = torch.zeros(2, dtype=torch.float64), torch.zeros(3, 40, dtype=torch.float64)
+    ops.clip_stats_update(want_counters, want_layers, wide, coef.float(), torch.tensor(0.0), backend=backend)
+    assert bitwise_equal(counters, want_counters) and bitwise_equal(layers, want_layers)

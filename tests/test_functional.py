@@ -10,7 +10,8 @@ import torch
 
 import ampclip
 from ampclip import backends, ops, reference
-from helpers import DTYPE_MIXES, NORMS, ODD_SHAPES, bitwise_equal, random_grads, rel_close
+from ampclip.errors import GradientTypeError
+from helpers import CPU_BACKENDS, DTYPE_MIXES, NORMS, ODD_SHAPES, bitwise_equal, random_grads, rel_close
 
 # torch keeps per-tensor norms in the gradient dtype, so its result carries that dtype's rounding.
 TORCH_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -84,6 +85,35 @@ def test_get_total_norm_and_clip_grads_with_norm_match_torch(norm_type):
     torch.nn.utils.clip_grads_with_norm_(theirs, 0.7, total)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.grad, b.grad, rtol=2e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("total_dtype", [torch.float16, torch.bfloat16, torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("patched", [False, True], ids=["direct", "patched"])
+def test_clip_grads_with_norm_takes_a_total_of_any_real_dtype(backend, total_dtype, patched):
+    # torch's get_total_norm returns a float16 total for float16 gradients; code written for torch hands it on.
+    grads = random_grads([(10,), (3, 4), (1,)], (torch.float32, torch.float16), scale=2.0)
+    exact = reference.exact_norm(grads, 2.0)
+    if total_dtype.is_floating_point:
+        total = torch.tensor(exact / 3).to(total_dtype)
+    else:
+        total = torch.tensor(7, dtype=total_dtype)
+    ours, theirs = twin_params(grads)
+    torch.nn.utils.clip_grads_with_norm_(theirs, 1.0, total)
+    if patched:
+        ampclip.patch_torch(backend=backend)
+        try:
+            torch.nn.utils.clip_grads_with_norm_(ours, 1.0, total)
+        finally:
+            ampclip.unpatch_torch()
+    else:
+        ampclip.clip_grads_with_norm_(ours, 1.0, total, backend=backend)
+    coef = min(1.0, 1.0 / (float(total) + 1e-6))  # the same total, taken exactly
+    for a, b, g in zip(ours, theirs, grads):
+        # torch computes the coefficient in the total's dtype (float16: 3 digits); ampclip in float32
+        torch.testing.assert_close(a.grad, b.grad, rtol=4e-3 if total_dtype.is_floating_point else 2e-6, atol=0)
+        torch.testing.assert_close(a.grad.double(), (g.double() * coef).to(g.dtype).double(),
+                                   rtol=1e-3 if g.dtype == torch.float16 else 2e-6, atol=0)
 
 
 def test_edge_cases_empty_single_generator():
@@ -169,11 +199,94 @@ def test_invalid_max_norm_raises_before_touching(max_norm):
     assert all(bitwise_equal(p.grad, b) for p, b in zip(params, before))
 
 
-@pytest.mark.parametrize("norm_type", [math.nan, "fro"], ids=str)
-def test_invalid_norm_type(norm_type):
-    params = make_params(random_grads([(10,)]))
-    with pytest.raises(ValueError, match="norm_type"):
-        ampclip.clip_grad_norm_(params, 1.0, norm_type)
+def _raised(fn, *args, **kwargs):
+    """The exception ``fn(*args, **kwargs)`` raises (a test failure when it raises none)."""
+    with pytest.raises(Exception) as info:
+        fn(*args, **kwargs)
+    return info.value
+
+
+@pytest.mark.parametrize("norm_type", [None, "fro", [2.0]], ids=str)
+def test_a_norm_type_that_is_no_number_raises_what_torch_raises(norm_type):
+    grads = random_grads([(10,)])
+    params = make_params(grads)
+    theirs = _raised(torch.nn.utils.clip_grad_norm_, make_params(grads), 1.0, norm_type)
+    assert type(_raised(torch.nn.utils.get_total_norm, grads, norm_type)) is type(theirs)
+    for ours in (_raised(ampclip.clip_grad_norm_, params, 1.0, norm_type),
+                 _raised(ampclip.get_total_norm, grads, norm_type)):
+        assert type(ours) is type(theirs) and "norm_type" in str(ours), (ours, theirs)
+    assert bitwise_equal(params[0].grad, grads[0])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_nan_norm_type_gives_nan_as_torch_does(backend):
+    grads = random_grads([(10,), (3, 4)])
+    assert math.isnan(torch.nn.utils.get_total_norm(grads, math.nan).item())
+    assert math.isnan(ampclip.get_total_norm(grads, math.nan, backend=backend).item())
+    ours, theirs = twin_params(grads)
+    got = ampclip.clip_grad_norm_(ours, 1.0, math.nan, backend=backend)
+    want = torch.nn.utils.clip_grad_norm_(theirs, 1.0, math.nan)
+    assert math.isnan(got.item()) and math.isnan(want.item())
+    for a, b in zip(ours, theirs):  # torch scales by a NaN coefficient
+        torch.testing.assert_close(a.grad, b.grad, equal_nan=True, rtol=0, atol=0)
+    params = make_params(grads)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        ampclip.clip_grad_norm_(params, 1.0, math.nan, error_if_nonfinite=True, backend=backend)
+    assert all(bitwise_equal(p.grad, g) for p, g in zip(params, grads))
+
+
+def _meta_beside_cpu(meta_first):
+    grads = random_grads([(10,), (3, 4)])
+    meta = torch.nn.Parameter(torch.empty(5, device="meta"))
+    meta.grad = torch.empty(5, device="meta")
+    params = make_params(grads)
+    return [meta, *params] if meta_first else [*params, meta]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_integer_gradients_and_a_number_for_total_norm_raise_what_torch_raises(backend):
+    integer, boolean = torch.tensor([1, 2, 3]), torch.tensor([True, False])
+    for tensors in ([integer], [boolean], [torch.randn(4), integer]):
+        theirs = _raised(torch.nn.utils.get_total_norm, tensors)
+        ours = _raised(ampclip.get_total_norm, tensors, backend=backend)
+        assert isinstance(ours, type(theirs)) and isinstance(ours, TypeError), (ours, theirs)
+        assert isinstance(ours, GradientTypeError), ours
+    for total in (2.5, 2):
+        params = make_params(random_grads([(10,)]))
+        before = params[0].grad.clone()
+        theirs = _raised(torch.nn.utils.clip_grads_with_norm_, make_params([before]), 1.0, total)
+        ours = _raised(ampclip.clip_grads_with_norm_, params, 1.0, total, backend=backend)
+        assert isinstance(ours, type(theirs)) and "total_norm" in str(ours), (ours, theirs)
+        assert bitwise_equal(params[0].grad, before)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_meta_gradients_beside_cpu_ones_get_what_torch_gives(backend):
+    # A meta gradient first: torch measures on the meta device; a CPU one first: copying the meta norm to it
+    # fails with NotImplementedError, before any gradient is written.
+    for call in ("get_total_norm", "clip_grad_norm_"):
+        params = _meta_beside_cpu(meta_first=False)
+        before = [p.grad.clone() for p in params[:-1]]
+        if call == "get_total_norm":
+            args = ([p.grad for p in params],)
+        else:
+            args = (params, 0.1)
+        theirs = _raised(getattr(torch.nn.utils, call), *args)
+        ours = _raised(getattr(ampclip, call), *args, backend=backend)
+        assert type(ours) is type(theirs) is NotImplementedError, (ours, theirs)
+        assert all(bitwise_equal(p.grad, b) for p, b in zip(params, before))
+    params = _meta_beside_cpu(meta_first=True)  # measured on the meta device: no backend but the default there
+    total = ampclip.get_total_norm([p.grad for p in params])
+    assert total.device.type == torch.nn.utils.get_total_norm([p.grad for p in params]).device.type == "meta"
+    # clamping and scaling take each device alone, in torch and here
+    ours, theirs = _meta_beside_cpu(meta_first=False), _meta_beside_cpu(meta_first=False)
+    for a, b in zip(ours[:-1], theirs[:-1]):
+        b.grad.copy_(a.grad)
+    ampclip.clip_grad_value_(ours, 0.3, backend=backend)
+    torch.nn.utils.clip_grad_value_(theirs, 0.3)
+    ampclip.clip_grads_with_norm_(ours, 1.0, torch.tensor(4.0), backend=backend)
+    torch.nn.utils.clip_grads_with_norm_(theirs, 1.0, torch.tensor(4.0))
+    assert all(bitwise_equal(a.grad, b.grad) for a, b in zip(ours[:-1], theirs[:-1]))
 
 
 def test_norm_type_string_inf_is_accepted_like_torch():

@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ampclip"
 PUBLIC = ["functional", "clipper", "scaler", "clipping", "trainer", "distributed", "strategies", "config", "nan",
           "adaptive",
-          "metrics"]
+          "metrics", "overlap"]
 
 
 def imports_of(path: pathlib.Path) -> set[str]:
@@ -50,3 +50,20 @@ def test_the_public_layer_does_not_import_the_oracle(module):
 
 def test_the_benchmark_harness_is_not_in_the_package():
     assert not (PACKAGE / "benchmark.py").exists()
+
+
+BELOW_OPS = [PACKAGE / "reference.py", *sorted((PACKAGE / "backends").glob("*.py"))]
+
+
+@pytest.mark.parametrize("path", BELOW_OPS, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_nothing_below_ops_imports_ops(path):
+    # public API -> ops -> backends -> reference and kernels -> contract: the layers below ops take the
+    # contract's constants from ampclip/contract.py, so there is no import circle through ops
+    names = imports_of(path)
+    assert not any(n.split(".")[-1] == "ops" or ".ops." in n or n.endswith(".ops") for n in names), names
+
+
+def test_the_contract_imports_nothing_of_ampclip_but_its_errors():
+    names = imports_of(PACKAGE / "contract.py")
+    assert {n for n in names if n.startswith(".")} <= {".errors", ".errors.GradientTypeError",
+                                                      ".errors.GradientValueError"}, names

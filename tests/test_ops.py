@@ -11,12 +11,13 @@ import ampclip
 from ampclip import ops
 from helpers import CPU_BACKENDS, random_grads, rel_close
 
-# The Triton interpreter runs opcheck's many calls slowly; its kernels are opchecked on a GPU.
-OPCHECK_BACKENDS = [b for b in CPU_BACKENDS if b != "triton"]
+# Every backend that takes CPU tensors here, the Triton one under its interpreter: opcheck's checks (schema,
+# fake tensors, aliasing, autograd registration, AOT dispatch) are what keep torch.compile working on a GPU.
+OPCHECK_BACKENDS = CPU_BACKENDS
 
 
 def _inputs():
-    grads = random_grads([(5,), (4097,), (3, 7)], (torch.float32, torch.bfloat16))
+    grads = random_grads([(5,), (1025,), (3, 7)], (torch.float32, torch.bfloat16))
     return grads, torch.tensor(0.5)
 
 
@@ -84,15 +85,68 @@ def test_clip_compiles_with_fullgraph():
         assert torch.equal(a, b)
 
 
-def test_drop_in_clip_compiles_with_fullgraph():
-    grads = random_grads([(64,), (9, 3)])
+def _params_with(grads):
     params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
     for p, g in zip(params, grads):
         p.grad = g.clone()
-    compiled = torch.compile(lambda ps: ampclip.clip_grad_norm_(ps, 0.5), fullgraph=True, backend="aot_eager")
+    return params
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_drop_in_clip_compiles_with_fullgraph(backend):
+    grads = random_grads([(64,), (9, 3)])
+    params = _params_with(grads)
+    compiled = torch.compile(lambda ps: ampclip.clip_grad_norm_(ps, 0.5, backend=backend), fullgraph=True,
+                             backend="aot_eager")
     total = compiled(params)
     assert abs(total.item() - ampclip.reference.exact_norm(grads, 2.0)) <= 1e-5 * total.item()
     assert abs(ampclip.reference.exact_norm([p.grad for p in params], 2.0) - 0.5) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("mode", ["global", "per_tensor"])
+def test_fused_clipper_step_compiles_with_fullgraph(backend, mode):
+    grads = random_grads([(64,), (9, 3), (5,)], (torch.float32, torch.bfloat16))
+    params, twins = _params_with(grads), _params_with(grads)
+    clipper = ampclip.FusedClipper(params, max_norm=0.5, mode=mode, backend=backend)
+    eager = ampclip.FusedClipper(twins, max_norm=0.5, mode=mode, backend=backend)
+    inv = torch.tensor(0.5)
+    compiled = torch.compile(lambda: clipper.clip_(inv).total_norm, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(), eager.clip_(inv).total_norm)
+    for p, q in zip(params, twins):
+        assert torch.equal(p.grad, q.grad)
+
+
+class _MetaBackend(ampclip.backends.Backend):
+    """A backend for one device that is not the CPU (meta tensors stand in for a GPU's): the reference's passes."""
+
+    name = "triton"
+    device_types = frozenset({"meta"})
+
+    def norm_pass(self, grads, inv_scale, norm_type, clamp):
+        return ampclip.reference.norm_pass(grads, inv_scale, norm_type, clamp)
+
+    def scale_pass(self, grads, coef, inv_scale, clamp, found_inf, zero_if_inf):
+        ampclip.reference.scale_pass(grads, coef, inv_scale, clamp, found_inf, zero_if_inf)
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_a_forced_backend_is_chosen_for_the_gradients_device(monkeypatch, how):
+    # A backend that serves the gradients' device but not the CPU, forced by name: the drop-in must pick its
+    # path from the gradients, not ask for a CPU backend first (it did: "does not take cpu tensors").
+    from ampclip import backends
+
+    monkeypatch.setitem(backends._loaded, "triton", _MetaBackend())
+    monkeypatch.setattr(ops, "_default", {})
+    params = [torch.nn.Parameter(torch.empty(4, device="meta")) for _ in range(3)]
+    for p in params:
+        p.grad = torch.empty(4, device="meta")
+    if how == "environment":
+        monkeypatch.setenv(ops.ENV_BACKEND, "triton")
+        total = ampclip.clip_grad_norm_(params, 1.0)
+    else:
+        total = ampclip.clip_grad_norm_(params, 1.0, backend="triton")
+    assert total.device.type == "meta"
 
 
 # ------------------------------------------------------------------------------------------ dispatch
@@ -110,7 +164,7 @@ def test_compiled_entries_under_a_dispatch_mode_go_through_the_registered_ops():
     assert rel_close(ampclip.reference.exact_norm(grads, 2.0), want / 2, 1e-6)
     params = ampclip.reference.parameters_of(grads)
     names = ops.dispatched(ampclip.clip_grad_norm_, params, want / 4)  # the drop-in's fast path steps aside too
-    assert names == ["ampclip.norm_pass.default", "ampclip.clip_finalize.default", "ampclip.scale_pass.default"]
+    assert names == ["ampclip.clip_norm_pass.default", "ampclip.scale_pass.default"]  # the two passes of a clip
     assert rel_close(ampclip.reference.exact_norm(grads, 2.0), want / 4, 1e-5)
 
 
@@ -148,6 +202,10 @@ def test_a_step_dispatches_a_handful_of_device_ops_whatever_the_tensor_count(ten
     assert len(scaler_ops) <= 10, scaler_ops
     assert len(clipper_ops) <= 8, clipper_ops
     assert scaler_ops.count("ampclip.norm_pass.default") == 1 and "ampclip.scaler_update.default" in scaler_ops
+    # The counts docs/architecture.md and the README quote: 4, and 5 with the CPU's free read of inv_scale.
+    passes = ["ampclip.norm_pass.default", "ampclip.clip_finalize.default", "ampclip.scale_pass.default"]
+    assert clipper_ops == [*passes, "ampclip.clip_stats_update.default"]
+    assert scaler_ops == ["aten._local_scalar_dense.default", *passes, "ampclip.scaler_update.default"]
 
 
 def test_torch_chain_op_count_for_comparison():

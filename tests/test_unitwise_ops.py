@@ -284,7 +284,7 @@ def test_zclip_update_rejects_a_bad_state():
 # ------------------------------------------------------------------------------------------ registration
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)  # the Triton kernels under the interpreter: small inputs
 @pytest.mark.parametrize("unscale", [False, True], ids=["plain", "unscale"])
 def test_opcheck_unit_ops(backend, unscale):
     tensors = random_grads([(5, 3), (7,), (2, 3, 4)], (torch.float32, torch.bfloat16))
@@ -297,7 +297,7 @@ def test_opcheck_unit_ops(backend, unscale):
                           (torch.rand(8), torch.rand(8) * 0.02, 0.01, 1e-3, 2.0, backend))
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_opcheck_zclip_update(backend):
     state = torch.tensor([1.0, 0.04, 1.0, 5.0], dtype=torch.float64)
     args = (state, torch.rand(5, dtype=torch.float64), torch.tensor(3.0), torch.tensor(0.0), 0.97, 2.5, 10.0, 1e-6, 0,

@@ -1,22 +1,28 @@
 """Pass 1: one read of every gradient. Unscale on the fly, flag inf/NaN exactly, clamp when asked, accumulate
-a partial of |u|^p (or max |u|) per chunk; then a fixed-order finalize into per-tensor norms, the total norm
-and found_inf.
+a partial of |u|^p (or max |u|) per chunk; then a fixed-order finish into per-tensor norms, the total norm,
+found_inf and, for a clip, the coefficient: all in ONE launch, whatever the number of tensors and dtypes.
 
-Three launches whatever the number of tensors and dtypes:
+``_fused_norm_kernel`` runs one program per chunk of the tensor table (built by the adapter,
+``ampclip/backends/tensor_table.py``, and passed in). Each program writes partial[c] (float64) and flag[c]
+(0 finite, 1 inf, 2 NaN) into a scratch buffer, then draws a ticket of its tensor (an atomic counter in the
+table): the program that draws the tensor's last ticket reduces the tensor's slots in index order into its norm
+and accumulator, then draws a ticket of the launch; the program that draws the launch's last ticket reduces the
+per-tensor accumulators in index order into the total and found_inf, and computes the clip coefficient (global
+or per tensor), the norm after clipping and the scale a fused optimizer divides by. Each finisher resets the
+counter it drew from, so the table is ready for the next launch (and a CUDA graph replays it). The last-block
+pattern replaces two finalize launches; the reductions keep their fixed order, so the result is the same as
+theirs, bit for bit, run after run.
 
-1. ``_fused_norm_kernel``, one program per chunk of the tensor table (built by the adapter,
-   ``ampclip/backends/tensor_table.py``, and passed in): writes partial[c] (float64) and flag[c] (0 finite,
-   1 inf, 2 NaN) into a scratch buffer. Every slot is written by exactly one program.
-2. ``_tensor_finalize_kernel``, one program per tensor: reduces the tensor's chunk slots in index order
-   (float64, tiny data) and writes the per-tensor norm plus its accumulator and flag.
-3. ``_total_finalize_kernel``, one program: reduces the T per-tensor accumulators in index order into the
-   total norm and found_inf.
+Deterministic: no floating-point atomics, fixed reduction trees. ``found_inf`` is exact: each element's
+unscaled value u is tested with ``u != u`` and ``|u| > max finite``, never inferred from the accumulator, so a
+finite value whose square overflows (|u| > 1.8e19 in fp32) does not set it; such a chunk, and one whose squares
+underflow (|u| < 1e-19), is summed again in float64, so the norm is right wherever float64 holds its sum. The
+inf-norm replaces NaN by 0 in its running max (``max`` has no NaN contract in Triton) and restores NaN from the
+flag in the finish.
 
-Deterministic: no atomics, a fixed grid and fixed reduction trees, so the same gradients give bitwise
-identical outputs run after run. ``found_inf`` is exact: each element's unscaled value u is tested with
-``u != u`` and ``|u| > max finite``, never inferred from the accumulator, so a finite value whose square
-overflows (|u| > 1.8e19 in fp32) does not set it. The inf-norm replaces NaN by 0 in its running max
-(``max`` has no NaN contract in Triton) and restores NaN from the flag in the finalize.
+The finishers read what other programs stored: each program makes its stores visible before its ticket (a
+barrier, then an atomic with release semantics at GPU scope), the finisher acquires with the same atomic and
+reads the slots from L2 (``.cg``), never from a stale L1 line.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from .clip_math import _as_float, _clipped_norm, _coefficient_by_rule, _divide
 
 BLOCK = 1024  # elements per loop step: 8 per thread at 4 warps, a 16-byte load for fp16
 FINALIZE_BLOCK = 256  # chunk slots per step of the per-tensor finalize (most tensors own 1 chunk)
@@ -52,7 +60,8 @@ def _accumulate(x, valid, acc, flag, inv, p, lo, hi, ACC: tl.constexpr, MAX_FINI
         x = x * inv
     a = tl.abs(x)
     is_nan = x != x
-    flag = tl.maximum(flag, tl.where(is_nan, 2, tl.where(a > MAX_FINITE, 1, 0)))  # before the clamp
+    # before the clamp: 3 NaN, 2 inf, 1 a finite non-zero value, 0 only zeros (the chunk's max of these)
+    flag = tl.maximum(flag, tl.where(is_nan, 3, tl.where(a > MAX_FINITE, 2, tl.where(a > 0.0, 1, 0))))
     if HAS_CLAMP:
         x = tl.where(x < lo.to(ACC), lo.to(ACC), x)
         x = tl.where(x > hi.to(ACC), hi.to(ACC), x)
@@ -75,8 +84,9 @@ def _accumulate(x, valid, acc, flag, inv, p, lo, hi, ACC: tl.constexpr, MAX_FINI
 @triton.jit
 def _chunk_partial(base, start, n, full, inv, p, lo, hi, ACC: tl.constexpr, MAX_FINITE: tl.constexpr,
                    NORM: tl.constexpr, HAS_INV: tl.constexpr, HAS_CLAMP: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """(partial, flag) of elements start .. start+n of ``base`` (a typed pointer), n <= CHUNK, accumulated in
-    ACC; the partial comes back as float64. The first ``full`` elements (whole blocks of a chunk the table
+    """(partial, flag, nonzero) of elements start .. start+n of ``base`` (a typed pointer), n <= CHUNK,
+    accumulated in ACC; the partial comes back as float64, the flag as 0 finite, 1 inf, 2 NaN, and ``nonzero``
+    tells whether any element is not 0. The first ``full`` elements (whole blocks of a chunk the table
     marked 16-byte aligned; 0 otherwise) are read without a mask through a pointer hinted 16-byte aligned,
     i.e. in 128-bit loads; the rest (the tail, any block of an unaligned chunk) with a mask. Each lane sums
     the same elements in the same order either way, so the result does not depend on the path."""
@@ -95,22 +105,30 @@ def _chunk_partial(base, start, n, full, inv, p, lo, hi, ACC: tl.constexpr, MAX_
         partial = tl.max(acc, axis=0)
     else:
         partial = tl.sum(acc, axis=0)
-    return partial.to(tl.float64), tl.max(flag, axis=0)
+    seen = tl.max(flag, axis=0)
+    return partial.to(tl.float64), tl.maximum(seen - 1, 0), seen > 0
+
+
+# A float32 sum of |u|^p below this, from elements that are not all 0, is taken again in float64: p-th powers
+# under float32's smallest normal (1.2e-38) lose their bits or flush to 0 (the square of |u| < 1.1e-19 does),
+# and at a sum past 2^-64 such terms move a chunk's sum by at most 2^15 * 2^-126 / 2^-64 = 2^-47 of itself.
+TINY_PARTIAL = tl.constexpr(5.421010862427522e-20)  # 2^-64
 
 
 @triton.jit
 def _measure_chunk(base, start, n, full, inv, p, lo, hi, ACC: tl.constexpr, MAX_FINITE: tl.constexpr,
                    NORM: tl.constexpr, HAS_INV: tl.constexpr, HAS_CLAMP: tl.constexpr, WIDEN: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr):
-    """:func:`_chunk_partial`; with ``WIDEN``, summed again in float64 when the float32 sum overflowed with
-    nothing inf or NaN. That second read is rare and takes the masked path alone (the same sums, bit for bit):
-    a second unmasked loop would double the code and make ptxas spill."""
-    partial, flag = _chunk_partial(base, start, n, full, inv, p, lo, hi, ACC, MAX_FINITE, NORM, HAS_INV, HAS_CLAMP,
-                                   BLOCK_SIZE)
+    """:func:`_chunk_partial`'s (partial, flag); with ``WIDEN``, summed again in float64 when, with nothing inf
+    or NaN, the float32 sum overflowed, or is tiny (TINY_PARTIAL) although some element is not 0. That second
+    read is rare and takes the masked path alone (the same sums, bit for bit): a second unmasked loop would
+    double the code and make ptxas spill."""
+    partial, flag, nonzero = _chunk_partial(base, start, n, full, inv, p, lo, hi, ACC, MAX_FINITE, NORM, HAS_INV,
+                                            HAS_CLAMP, BLOCK_SIZE)
     if WIDEN:
-        if (partial == float("inf")) & (flag == 0):
-            partial, flag = _chunk_partial(base, start, n, 0, inv, p, lo, hi, tl.float64, MAX_FINITE, NORM,
-                                           HAS_INV, HAS_CLAMP, BLOCK_SIZE)
+        if ((partial == float("inf")) | ((partial < TINY_PARTIAL) & nonzero)) & (flag == 0):
+            partial, flag, nonzero = _chunk_partial(base, start, n, 0, inv, p, lo, hi, tl.float64, MAX_FINITE, NORM,
+                                                    HAS_INV, HAS_CLAMP, BLOCK_SIZE)
     return partial, flag
 
 
@@ -127,15 +145,22 @@ def _chunk_location(pid, t, table_ptrs, table_numels, table_codes, chunk_begin, 
     return start, n, full, code & DTYPE_MASK, tl.load(table_ptrs + t)
 
 
-@triton.jit(do_not_specialize=["lo_bits", "hi_bits"], do_not_specialize_on_alignment=[
-    "table_ptrs", "table_numels", "table_codes", "chunk_begin", "chunk_tensor", "inv_scale_ptr", "partial_out",
-    "flag_out"])
+@triton.jit(do_not_specialize=["lo_bits", "hi_bits", "bound_bits", "eps_bits", "num_tensors", "num_filled", "mode",
+                               "rule"],
+            do_not_specialize_on_alignment=[
+                "table_ptrs", "table_numels", "table_codes", "chunk_begin", "chunk_tensor", "inv_scale_ptr",
+                "partial_out", "flag_out", "tensor_acc", "tensor_flag", "tickets", "norm_out", "total_out",
+                "found_out", "coef_out", "post_out", "grad_scale_out"])
 def _fused_norm_kernel(
-    table_ptrs, table_numels, table_codes, chunk_begin, chunk_tensor, inv_scale_ptr, partial_out, flag_out, p,
-    lo_bits: tl.int64, hi_bits: tl.int64, ACC: tl.constexpr, MAX_FINITE: tl.constexpr, NORM: tl.constexpr,
-    HAS_INV: tl.constexpr, HAS_CLAMP: tl.constexpr, WIDEN: tl.constexpr, CHUNK_SIZE: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    table_ptrs, table_numels, table_codes, chunk_begin, chunk_tensor, inv_scale_ptr, partial_out, flag_out,
+    tensor_acc, tensor_flag, tickets, norm_out, total_out, found_out, coef_out, post_out, grad_scale_out, p, inv_p,
+    lo_bits: tl.int64, hi_bits: tl.int64, bound_bits: tl.int64, eps_bits: tl.int64, num_tensors, num_filled, mode,
+    rule, ACC: tl.constexpr, MAX_FINITE: tl.constexpr, NORM: tl.constexpr, HAS_INV: tl.constexpr,
+    HAS_CLAMP: tl.constexpr, WIDEN: tl.constexpr, CHUNK_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    FINISH_BLOCK: tl.constexpr, TOTAL_BLOCK_SIZE: tl.constexpr,
 ):
+    """One program per chunk; ``mode`` -1 measures only, 0 also clips the global norm, 1 each tensor's norm (to
+    the bound given as float64 bits, by ``rule``: see clip_math._coefficient)."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(chunk_tensor + pid)
     start, n, full, code, addr = _chunk_location(pid, t, table_ptrs, table_numels, table_codes, chunk_begin,
@@ -160,6 +185,75 @@ def _fused_norm_kernel(
                                        ACC, MAX_FINITE, NORM, HAS_INV, HAS_CLAMP, WIDEN, BLOCK_SIZE)
     tl.store(partial_out + pid, partial)
     tl.store(flag_out + pid, flag.to(tl.float64))
+    # The last chunk of tensor t to finish reduces t's slots; the last tensor to finish, the whole list.
+    tl.debug_barrier()  # every store of this program before its ticket
+    begin = tl.load(chunk_begin + t)
+    count = tl.load(chunk_begin + t + 1) - begin
+    if tl.atomic_add(tickets + t, 1, sem="acq_rel", scope="gpu") == count - 1:
+        tl.store(tickets + t, 0)  # drawn by all of t's programs: ready for the next launch
+        bound = _as_float(bound_bits)
+        eps = _as_float(eps_bits)
+        acc, f = _reduce_slots(partial_out + begin, flag_out + begin, count.to(tl.int32), NORM, FINISH_BLOCK)
+        norm = _root(acc, f, inv_p, NORM).to(norm_out.dtype.element_ty)
+        tl.store(norm_out + t, norm)
+        tl.store(tensor_acc + t, acc)
+        tl.store(tensor_flag + t, f)
+        if mode == 1:
+            tl.store(coef_out + t, _coefficient_by_rule(norm, bound, eps, rule))
+        tl.debug_barrier()
+        if tl.atomic_add(tickets + num_tensors, 1, sem="acq_rel", scope="gpu") == num_filled - 1:
+            tl.store(tickets + num_tensors, 0)
+            _finish(chunk_begin, tensor_acc, tensor_flag, num_tensors, norm_out, total_out, found_out, coef_out,
+                    post_out, grad_scale_out, inv_scale_ptr, p, inv_p, bound, eps, mode, rule, NORM, HAS_INV,
+                    TOTAL_BLOCK_SIZE)
+
+
+@triton.jit
+def _finish(chunk_begin, tensor_acc, tensor_flag, num_tensors, norm_out, total_out, found_out, coef_out, post_out,
+            grad_scale_out, inv_scale_ptr, p, inv_p, bound, eps, mode, rule, NORM: tl.constexpr,
+            HAS_INV: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """The launch's last finisher: the total and found_inf from the per-tensor accumulators (a zero-size
+    tensor owns no chunk, so its norm, 0, is written here), then, for a clip, the coefficient, the norm after
+    clipping and ``grad_scale`` = 1 / (inv_scale * coef), what a fused optimizer divides the gradients by."""
+    offsets = tl.arange(0, BLOCK_SIZE)
+    acc = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
+    flag = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
+    for i in range(0, num_tensors, BLOCK_SIZE):
+        index = i + offsets
+        mask = index < num_tensors
+        empty = tl.load(chunk_begin + index + 1, mask=mask, other=0) == tl.load(chunk_begin + index, mask=mask, other=0)
+        filled = mask & (empty == 0)
+        v = tl.load(tensor_acc + index, mask=filled, other=0.0, cache_modifier=".cg")
+        flag = tl.maximum(flag, tl.load(tensor_flag + index, mask=filled, other=0.0, cache_modifier=".cg"))
+        if NORM == 2:
+            acc = tl.maximum(acc, v)
+        else:
+            acc += v
+        zero = tl.zeros([BLOCK_SIZE], dtype=norm_out.dtype.element_ty)
+        tl.store(norm_out + index, zero, mask=mask & empty)
+        if mode == 1:
+            tl.store(coef_out + index, _coefficient_by_rule(zero, bound, eps, rule), mask=mask & empty)
+    if NORM == 2:
+        total_acc = tl.max(acc, axis=0)
+    else:
+        total_acc = tl.sum(acc, axis=0)
+    f = tl.max(flag, axis=0)
+    total = _root(total_acc, f, inv_p, NORM).to(total_out.dtype.element_ty)
+    tl.store(total_out, total)
+    tl.store(found_out, tl.where(f > 0.0, 1.0, 0.0).to(tl.float32))
+    inv = 1.0
+    if HAS_INV:
+        inv = tl.load(inv_scale_ptr)
+    if mode == 0:
+        c = _coefficient_by_rule(total, bound, eps, rule)
+        tl.store(coef_out, c)
+        tl.store(post_out, (total.to(tl.float64) * c.to(tl.float64)).to(post_out.dtype.element_ty))
+        tl.store(grad_scale_out, _divide(tl.full(c.shape, 1.0, c.dtype), inv.to(c.dtype) * c))
+    elif mode == 1:
+        tl.debug_barrier()  # the coefficients this program stored above, before they are read back
+        post = _clipped_norm(norm_out, coef_out, num_tensors, p, inv_p, NORM, BLOCK_SIZE)
+        tl.store(post_out, post.to(post_out.dtype.element_ty))
+        tl.store(grad_scale_out, _divide(tl.full(total.shape, 1.0, total.dtype), inv.to(total.dtype)))
 
 
 @triton.jit
@@ -179,15 +273,16 @@ def _root(acc, flag, inv_p, NORM: tl.constexpr):
 
 @triton.jit
 def _reduce_slots(values, flags, count, NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """(sum or max of values[0:count], max of flags[0:count]) in float64, in index order: the fixed
-    reduction both finalize kernels use."""
+    """(sum or max of values[0:count], max of flags[0:count]) in float64, in index order: the fixed reduction
+    of every finish. Read from L2 (".cg"): other programs of the launch may have stored them."""
     acc = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
     flag = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
     offsets = tl.arange(0, BLOCK_SIZE)
     for i in range(0, count, BLOCK_SIZE):
         mask = i + offsets < count
-        v = tl.load(values + i + offsets, mask=mask, other=0.0).to(tl.float64)
-        flag = tl.maximum(flag, tl.load(flags + i + offsets, mask=mask, other=0.0).to(tl.float64))
+        v = tl.load(values + i + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float64)
+        f = tl.load(flags + i + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float64)
+        flag = tl.maximum(flag, f)
         if NORM == 2:
             acc = tl.maximum(acc, v)
         else:
@@ -245,16 +340,19 @@ def float_bits(x: float) -> int:
 
 
 def fused_norm_triton(table, inv_scale: Optional[torch.Tensor], norm_type: float,
-                      clamp: Optional[tuple[float, float]] = None):
-    """``(per_tensor_norms, total_norm, found_inf)`` of the table's tensors: ``ampclip::norm_pass``.
+                      clamp: Optional[tuple[float, float]] = None, clip: Optional[tuple[float, int, float, int]] = None):
+    """``(per_tensor_norms, total_norm, found_inf)`` of the table's tensors: ``ampclip::norm_pass``; with
+    ``clip = (max_norm, mode, eps, rule)`` (mode 0 global, 1 per tensor) also ``(coef, post_clip_norm,
+    grad_scale)``: ``ampclip::clip_norm_pass``.
 
     ``table`` is a tensor table (``ampclip/backends/tensor_table.py``: device sections ``dev_ptrs``,
-    ``numels``, ``codes``, ``chunk_begin``, ``chunk_tensor``, and ``num_tensors``, ``num_chunks``, ``chunk``,
-    ``has_fp64``) whose non-contiguous tensors are already staged. Each element is unscaled by
-    ``inv_scale`` (a 0-d device tensor), checked, clamped to ``clamp`` and measured. Norms are float32
+    ``numels``, ``codes``, ``chunk_begin``, ``chunk_tensor``, its ``tickets``, and ``num_tensors``, ``num_filled``,
+    ``num_chunks``, ``chunk``, ``has_fp64``) whose non-contiguous tensors are already staged. Each element is
+    unscaled by ``inv_scale`` (a 0-d device tensor), checked, clamped to ``clamp`` and measured. Norms are float32
     (float64 when any tensor is float64; then every one accumulates in float64, as the reference does);
-    ``found_inf`` is a 0-d float32, 1.0 exactly when some unscaled element is inf or NaN. Three launches
-    whatever the number of tensors or dtypes, no host sync, bitwise deterministic.
+    ``found_inf`` is a 0-d float32, 1.0 exactly when some unscaled element is inf or NaN. One launch whatever the
+    number of tensors or dtypes (a list of zero-size tensors only: none, or one for the coefficient), no host
+    sync, bitwise deterministic.
     """
     if not (norm_type > 0):
         raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
@@ -264,29 +362,49 @@ def fused_norm_triton(table, inv_scale: Optional[torch.Tensor], norm_type: float
     inv_p = 1.0 / norm_type if norm_kind == NORM_P else 1.0
     inv_scale = on_device(inv_scale, device)
     lo, hi = clamp if clamp is not None else (0.0, 0.0)
+    max_norm, mode, eps, rule = clip if clip is not None else (0.0, -1, 0.0, 0)
     n, c = table.num_tensors, table.num_chunks
+    # outputs of their own: a registered op's outputs may not alias one another (torch.compile refuses it)
+    per_tensor = torch.empty(n, dtype=acc_dtype, device=device)
+    total = torch.empty((), dtype=acc_dtype, device=device)
+    found_inf = torch.empty((), dtype=torch.float32, device=device)
+    coef = torch.empty(() if mode == 0 else n, dtype=acc_dtype, device=device)
+    post = torch.empty((), dtype=acc_dtype, device=device)
+    grad_scale = torch.empty((), dtype=acc_dtype, device=device)
+    if c == 0:  # only zero-size tensors: no program to launch (a 0-program grid is not launchable)
+        return _measured_nothing(per_tensor, total, found_inf, coef, post, grad_scale, inv_scale, clip)
     # scratch: chunk partials and flags, then per-tensor accumulators and flags (all float64)
     chunk_scratch = _scratch(2 * c, torch.float64, device)
     tensor_scratch = _scratch(2 * n, torch.float64, device)
-    out = torch.empty(n + 1, dtype=acc_dtype, device=device)  # per-tensor norms, then the total
-    found_inf = torch.empty((), dtype=torch.float32, device=device)
-    if c:  # an all-zero-size list launches no norm programs (a 0-program grid is not launchable)
-        _fused_norm_kernel[(c,)](
-            table.dev_ptrs, table.numels, table.codes, table.chunk_begin, table.chunk_tensor,
-            inv_scale if inv_scale is not None else table.buffer, chunk_scratch[:c], chunk_scratch[c:],
-            float(norm_type) if norm_kind == NORM_P else 1.0, float_bits(float(lo)), float_bits(float(hi)),
-            ACC=tl.float64 if table.has_fp64 else tl.float32,
-            MAX_FINITE=_FP64_MAX if table.has_fp64 else _FP32_MAX, NORM=norm_kind,
-            HAS_INV=int(inv_scale is not None), HAS_CLAMP=int(clamp is not None),
-            WIDEN=int(not table.has_fp64 and norm_kind != NORM_INF), CHUNK_SIZE=table.chunk,
-            BLOCK_SIZE=BLOCK,
-        )
-    _tensor_finalize_kernel[(n,)](
-        chunk_scratch[:c], chunk_scratch[c:], table.chunk_begin, out, tensor_scratch[:n], tensor_scratch[n:],
-        inv_p, NORM=norm_kind, BLOCK_SIZE=FINALIZE_BLOCK,
+    _fused_norm_kernel[(c,)](
+        table.dev_ptrs, table.numels, table.codes, table.chunk_begin, table.chunk_tensor,
+        inv_scale if inv_scale is not None else table.buffer, chunk_scratch[:c], chunk_scratch[c:],
+        tensor_scratch[:n], tensor_scratch[n:], table.tickets, per_tensor, total, found_inf, coef, post, grad_scale,
+        float(norm_type) if norm_kind == NORM_P else 1.0, inv_p, float_bits(float(lo)), float_bits(float(hi)),
+        float_bits(float(max_norm)), float_bits(float(eps)), n, table.num_filled, mode, rule,
+        ACC=tl.float64 if table.has_fp64 else tl.float32,
+        MAX_FINITE=_FP64_MAX if table.has_fp64 else _FP32_MAX, NORM=norm_kind,
+        HAS_INV=int(inv_scale is not None), HAS_CLAMP=int(clamp is not None),
+        WIDEN=int(not table.has_fp64 and norm_kind != NORM_INF), CHUNK_SIZE=table.chunk,
+        BLOCK_SIZE=BLOCK, FINISH_BLOCK=FINALIZE_BLOCK, TOTAL_BLOCK_SIZE=TOTAL_BLOCK,
     )
-    _total_finalize_kernel[(1,)](
-        tensor_scratch[:n], tensor_scratch[n:], n, out[n:], found_inf, inv_p,
-        NORM=norm_kind, BLOCK_SIZE=TOTAL_BLOCK,
-    )
-    return out[:n], out[n], found_inf
+    if clip is None:
+        return per_tensor, total, found_inf
+    return per_tensor, total, found_inf, coef, post, grad_scale
+
+
+def _measured_nothing(per_tensor, total, found_inf, coef, post, grad_scale, inv_scale, clip):
+    """The norm pass of zero-size tensors only: every norm 0, nothing found, and for a clip the coefficient
+    of a zero norm (the small ops' kernel: one launch)."""
+    from .small_ops import clip_finalize_triton
+
+    for t in (per_tensor, total, found_inf):
+        t.zero_()
+    if clip is None:
+        return per_tensor, total, found_inf
+    max_norm, mode, eps, rule = clip
+    coef, _, _, post = clip_finalize_triton(per_tensor, total, max_norm, mode, None, 0, 2.0, eps, rule)
+    one = torch.ones((), dtype=total.dtype, device=total.device)
+    scale = one if inv_scale is None else inv_scale.to(total.dtype)
+    grad_scale = (scale * coef if mode == 0 else scale).reciprocal()
+    return per_tensor, total, found_inf, coef, post, grad_scale

@@ -17,114 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .clip_math import _as_float, _clipped_norm, _coefficient, _p_root, _power, _store_coefficients
 from .fused_norm import NORM_P, _norm_kind, float_bits
 
 BLOCK = 1024  # tensors per step of a loop (10,000 tensors: 10 steps)
 # The clip coefficient's steps: 4 norms a thread (4 warps) keep the per-group loop of the float64 p-norms free
-# of spills, and one coefficient a thread: each IEEE division is a call across which ptxas keeps (or spills)
-# every live register.
+# of spills (one coefficient a thread: clip_math.COEF_BLOCK).
 CLIP_BLOCK = 512
-COEF_BLOCK = tl.constexpr(128)
-
-
-@triton.jit
-def _as_float(bits):
-    """A float64 from the bits of a Python float."""
-    return bits.to(tl.int64).to(tl.float64, bitcast=True)
-
-
-@triton.jit
-def _coefficient(norm, bound, eps, RULE: tl.constexpr):
-    """The clip coefficient in norm's dtype: rule 0 ``min(1, bound / (norm + eps))`` as torch computes it
-    (``(1 / (norm + eps)) * bound``), rule 1 ``bound / max(norm + eps, bound)``, 1 unless ``norm + eps > bound``
-    (an infinite bound gives 1, not inf / inf); a NaN norm gives NaN."""
-    shifted = norm + eps.to(norm.dtype)
-    b = bound.to(norm.dtype)
-    if RULE == 0:
-        c = _divide(tl.full(shifted.shape, 1.0, norm.dtype), shifted) * b
-        c = tl.where(c > 1.0, 1.0, c).to(norm.dtype)
-    else:
-        q = _divide(b + tl.zeros(shifted.shape, norm.dtype), shifted)
-        c = tl.where(shifted > b, q, 1.0)
-        c = tl.where(shifted != shifted, q, c)  # a NaN norm (or bound) gives NaN
-        c = tl.where(b != b, q, c).to(norm.dtype)
-    return c
-
-
-@triton.jit
-def _divide(a, b):
-    """a / b rounded to nearest, as the CPU divides (Triton's float32 division may be approximate)."""
-    if a.dtype.is_fp64():
-        out = a / b
-    else:
-        out = tl.math.div_rn(a, b)
-    return out
-
-
-@triton.jit
-def _power(x, p, NORM: tl.constexpr):
-    """|x|^p for x >= 0 (float64)."""
-    if NORM == 0:
-        out = x * x
-    elif NORM == 1:
-        out = x
-    else:
-        safe = tl.where(x == 0.0, 1.0, x)
-        out = tl.where(x == 0.0, 0.0, tl.exp2(p * tl.log2(safe)))
-    return out
-
-
-@triton.jit
-def _root(s, inv_p, NORM: tl.constexpr):
-    """s^(1/p) for s >= 0 (float64)."""
-    if NORM == 0:
-        out = tl.sqrt(s)
-    elif NORM == 1:
-        out = s
-    else:
-        safe = tl.where(s == 0.0, 1.0, s)
-        out = tl.where(s == 0.0, 0.0, tl.exp2(tl.log2(safe) * inv_p))
-    return out
-
-
-@triton.jit
-def _clipped_norm(per_tensor, coef, count, p, inv_p, NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """The p-norm over tensors of norm * coefficient, in float64 scaled by the largest, NaN propagating: two
-    reads of the norms and their coefficients (stored by this program before a barrier), the largest
-    first, then the scaled sum."""
-    offsets = tl.arange(0, BLOCK_SIZE)
-    peak = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
-    nan = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
-    for i in range(0, count, BLOCK_SIZE):
-        mask = i + offsets < count
-        n = tl.load(per_tensor + i + offsets, mask=mask, other=0.0)
-        v = tl.abs(n.to(tl.float64) * tl.load(coef + i + offsets, mask=mask, other=0.0).to(tl.float64))
-        nan = tl.maximum(nan, tl.where(v != v, 1, 0))
-        peak = tl.maximum(peak, tl.where(v != v, 0.0, v))
-    top = tl.max(peak, axis=0)
-    if NORM == 2:
-        out = top
-    else:
-        scale = tl.where((top > 0.0) & (top < float("inf")), top, 1.0)
-        inv_scale = 1.0 / scale  # one division, not one per element (each is a call that spills registers)
-        acc = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
-        for i in range(0, count, BLOCK_SIZE):
-            mask = i + offsets < count
-            n = tl.load(per_tensor + i + offsets, mask=mask, other=0.0)
-            v = tl.abs(n.to(tl.float64) * tl.load(coef + i + offsets, mask=mask, other=0.0).to(tl.float64))
-            acc += _power(tl.where(v != v, 0.0, v) * inv_scale, p, NORM)
-        out = tl.where(top == float("inf"), top, _root(tl.sum(acc, axis=0), inv_p, NORM) * scale)
-    return tl.where(tl.max(nan, axis=0) > 0, float("nan"), out)
-
-
-@triton.jit
-def _store_coefficients(norms, coef_out, bound, eps, count, RULE: tl.constexpr):
-    """coef_out[i] = the coefficient of norms[i], i < count, one per thread and step (COEF_BLOCK)."""
-    offsets = tl.arange(0, COEF_BLOCK)
-    for i in range(0, count, COEF_BLOCK):
-        mask = i + offsets < count
-        n = tl.load(norms + i + offsets, mask=mask, other=0.0)
-        tl.store(coef_out + i + offsets, _coefficient(n, bound, eps, RULE), mask=mask)
 
 
 @triton.jit
@@ -158,7 +57,7 @@ def _finalize_groups(per_tensor, bound, eps, group_index, count, num_groups, coe
         if NORM == 2:
             group_norm = tl.max(acc, axis=0)
         else:
-            group_norm = tl.where(top == float("inf"), top, _root(tl.sum(acc, axis=0), inv_p, NORM) * scale)
+            group_norm = tl.where(top == float("inf"), top, _p_root(tl.sum(acc, axis=0), inv_p, NORM) * scale)
         group_norm = tl.where(tl.max(nan, axis=0) > 0, float("nan"), group_norm)
         tl.store(group_norms_out + g, group_norm.to(group_norms_out.dtype.element_ty))
     # Each pass reads what the one before stored: the barriers make every thread's stores visible to all.

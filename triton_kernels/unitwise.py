@@ -30,11 +30,13 @@ import triton
 import triton.language as tl
 
 from . import fused_norm
+from .clip_math import COEF_BLOCK, _as_float, _clipped_norm, _divide
 from .fused_norm import (
     _FP32_MAX,
     _FP64_MAX,
     NORM_INF,
     NORM_P,
+    TINY_PARTIAL,
     _chunk_partial,
     _norm_kind,
     _root,
@@ -43,7 +45,6 @@ from .fused_norm import (
     float_bits,
     on_device,
 )
-from .small_ops import COEF_BLOCK, _as_float, _clipped_norm, _divide
 
 BLOCK = 1024  # elements per loop step
 UNIT_BLOCK = 1024  # units per program of the unit finalize
@@ -58,24 +59,26 @@ def _measure_units(base, start, n, length, slot, partial_out, flag_out, inv, p, 
                    MAX_FINITE: tl.constexpr, NORM: tl.constexpr, HAS_INV: tl.constexpr, WIDEN: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr):
     """The partial of every unit of a segment (or of its one piece of a long unit), each into its slot; a
-    float32 sum that overflowed with nothing inf or NaN is taken again in float64. That re-sum is a loop of its
-    own over what the first stored (a barrier makes the stores visible to the whole program): in the first
-    loop, both accumulations would be live at once and ptxas would spill."""
+    float32 sum that, with nothing inf or NaN, overflowed or is tiny (fused_norm.TINY_PARTIAL: its squares may
+    have underflowed; an all-zero unit is read again too, as its slot does not keep ``nonzero``) is taken again
+    in float64. That re-sum is a loop of its own over what the first stored (a barrier makes the stores visible
+    to the whole program): in the first loop, both accumulations would be live at once and ptxas would spill."""
     # whole rows, or one piece of a row longer than the segment: n // step is 1. In int32 (n <= SEGMENT): a
     # 64-bit division is a call, and ptxas spills the registers live across it.
     step = tl.minimum(n, length).to(tl.int32)
     rows = n.to(tl.int32) // step
     for r in range(0, rows):
-        partial, flag = _chunk_partial(base, start + r * step, step, 0, inv, p, inv, inv, ACC, MAX_FINITE, NORM,
-                                       HAS_INV, 0, BLOCK_SIZE)  # (no clamp: lo and hi are unused)
+        partial, flag, _ = _chunk_partial(base, start + r * step, step, 0, inv, p, inv, inv, ACC, MAX_FINITE, NORM,
+                                          HAS_INV, 0, BLOCK_SIZE)  # (no clamp: lo and hi are unused)
         tl.store(partial_out + slot + r, partial)
         tl.store(flag_out + slot + r, flag.to(tl.float64))
     if WIDEN:
         tl.debug_barrier()
         for r in range(0, rows):
-            if (tl.load(partial_out + slot + r) == float("inf")) & (tl.load(flag_out + slot + r) == 0.0):
-                partial, flag = _chunk_partial(base, start + r * step, step, 0, inv, p, inv, inv, tl.float64,
-                                               MAX_FINITE, NORM, HAS_INV, 0, BLOCK_SIZE)
+            stored = tl.load(partial_out + slot + r)
+            if ((stored == float("inf")) | (stored < TINY_PARTIAL)) & (tl.load(flag_out + slot + r) == 0.0):
+                partial, flag, _ = _chunk_partial(base, start + r * step, step, 0, inv, p, inv, inv, tl.float64,
+                                                  MAX_FINITE, NORM, HAS_INV, 0, BLOCK_SIZE)
                 tl.store(partial_out + slot + r, partial)
                 tl.store(flag_out + slot + r, flag.to(tl.float64))
 
@@ -259,7 +262,10 @@ def unit_norm_triton(table, layout, inv_scale: Optional[torch.Tensor], norm_type
     slots = fused_norm._scratch(2 * s, torch.float64, device)  # partials, flags
     units = fused_norm._scratch(2 * u, torch.float64, device)  # unit accumulators, flags
     tensors = fused_norm._scratch(2 * n, torch.float64, device)  # tensor accumulators, flags
-    out = torch.empty(u + n + 1, dtype=acc_dtype, device=device)  # unit norms, tensor norms, total
+    # outputs of their own: a registered op's outputs may not alias one another (torch.compile refuses it)
+    unit_norms = torch.empty(u, dtype=acc_dtype, device=device)
+    per_tensor = torch.empty(n, dtype=acc_dtype, device=device)
+    total = torch.empty((), dtype=acc_dtype, device=device)
     found_inf = torch.empty((), dtype=torch.float32, device=device)
     if layout.num_segments:
         _unit_norm_kernel[(layout.num_segments,)](
@@ -271,17 +277,17 @@ def unit_norm_triton(table, layout, inv_scale: Optional[torch.Tensor], norm_type
         )
     if u:
         _unit_finalize_kernel[(triton.cdiv(u, UNIT_BLOCK),)](
-            slots[:s], slots[s:], layout.unit_slot_begin, u, layout.max_slots, out[:u], units[:u], units[u:], inv_p,
+            slots[:s], slots[s:], layout.unit_slot_begin, u, layout.max_slots, unit_norms, units[:u], units[u:], inv_p,
             NORM=kind, BLOCK_SIZE=UNIT_BLOCK,
         )
     _tensor_finalize_kernel[(n,)](
-        units[:u], units[u:], layout.tensor_unit_begin, out[u : u + n], tensors[:n], tensors[n:], inv_p, NORM=kind,
+        units[:u], units[u:], layout.tensor_unit_begin, per_tensor, tensors[:n], tensors[n:], inv_p, NORM=kind,
         BLOCK_SIZE=TENSOR_BLOCK,
     )
     _total_finalize_kernel[(1,)](
-        tensors[:n], tensors[n:], n, out[u + n :], found_inf, inv_p, NORM=kind, BLOCK_SIZE=TOTAL_BLOCK,
+        tensors[:n], tensors[n:], n, total, found_inf, inv_p, NORM=kind, BLOCK_SIZE=TOTAL_BLOCK,
     )
-    return out[:u], out[u : u + n], out[u + n], found_inf
+    return unit_norms, per_tensor, total, found_inf
 
 
 def unit_scale_triton(table, layout, coef: torch.Tensor, inv_scale: Optional[torch.Tensor],

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .clip_math import _as_float
 from .fused_norm import float_bits
-from .small_ops import _as_float
 
 BLOCK = 128  # warm-up slots per step of the initial mean and variance (25 by default)
 MEAN, VAR, READY, COUNT = (tl.constexpr(i) for i in range(4))  # the state's layout (ampclip.ops.ZCLIP_*)

@@ -13,31 +13,13 @@ from typing import Optional
 
 import torch
 
+from ..contract import SUPPORTED_DTYPES, check_grads
+
 __all__ = ["NAMES", "SUPPORTED_DTYPES", "Backend", "Unavailable", "available", "check_grads", "load",
            "unavailable_reason"]
 
 # Every backend ampclip knows, in the order `ampclip env` lists them.
 NAMES = ("reference", "cpp", "triton", "cuda")
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_grads(grads, writable: bool = False) -> None:
-    """Dense float16/bfloat16/float32/float64 tensors on one device; for a write, no element shares memory
-    with another of the same tensor (an expanded, zero-stride gradient). A clear error before anything runs:
-    ops checks what a backend does not (``validates_inputs``), a table when it is built."""
-    device = grads[0].device
-    for i, g in enumerate(grads):
-        if g.layout != torch.strided:
-            raise TypeError(f"ampclip clips dense gradients only; gradient {i} has layout {g.layout}")
-        if g.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"ampclip clips float16, bfloat16, float32 and float64 gradients; gradient {i} is "
-                            f"{g.dtype}")
-        if g.device != device:
-            raise ValueError(f"ampclip needs the gradients of one call on one device; gradient {i} is on "
-                             f"{g.device}, gradient 0 on {device}")
-        if writable and torch._debug_has_internal_overlap(g) == 1:
-            raise ValueError(f"gradient {i} has elements that share memory (an expanded, stride-0 tensor): it "
-                             "cannot be written in place; clone it first")
 
 
 class Unavailable(RuntimeError):
@@ -77,6 +59,22 @@ class Backend:
 
     def scale_pass(self, grads, coef, inv_scale, clamp, found_inf, zero_if_inf):
         raise NotImplementedError
+
+    def clip_norm_pass(self, grads, inv_scale, norm_type, clamp, max_norm, mode, eps, rule):
+        """The norm pass and the clip coefficient in one call (global or per-tensor mode, a number as the
+        bound): ``(per_tensor, total, found_inf, coef, post_clip_norm, grad_scale)``. A backend without a fused
+        kernel runs its norm pass and its clip_finalize, one after the other."""
+        from .. import reference
+
+        measured = self.norm_pass(grads, inv_scale, norm_type, clamp)
+        if measured is NotImplemented:
+            return NotImplemented
+        per_tensor, total, found_inf = measured
+        finalized = self.clip_finalize(per_tensor, total, max_norm, mode, None, 0, norm_type, eps, rule)
+        if finalized is NotImplemented:
+            return NotImplemented
+        coef, _, _, post = finalized
+        return per_tensor, total, found_inf, coef, post, reference.grad_scale(inv_scale, coef, mode)
 
     # ---------------------------------------------------------------------------- small ops
     def clip_finalize(self, per_tensor, total, max_norm, mode, group_index, num_groups, norm_type, eps, rule):

@@ -57,7 +57,7 @@ from typing import Optional
 
 import torch
 
-from . import check_grads
+from ..contract import check_grads
 from .cpp import tensor_signature
 
 CHUNK = 32768  # elements per program: 64 KiB of fp16, 32 iterations of a 1024-wide block, enough to hide
@@ -80,8 +80,8 @@ class TensorTable:
     """The device table of one gradient list (see the module docstring for the layout)."""
 
     __slots__ = ("key", "signature", "buffer", "dev_ptrs", "numels", "codes", "chunk_begin", "chunk_tensor",
-                 "num_tensors", "num_chunks", "chunk", "has_fp64", "staging", "expanded", "aliased", "_refs",
-                 "_exact", "__weakref__")
+                 "num_tensors", "num_filled", "num_chunks", "chunk", "has_fp64", "staging", "expanded", "aliased",
+                 "_refs", "_exact", "_tickets", "__weakref__")
 
     def __init__(self, key, signature, grads: list[torch.Tensor], chunk: int, watch_lifetimes: bool):
         check_grads(grads)  # bad input is an error before any kernel runs
@@ -106,6 +106,7 @@ class TensorTable:
         begin = torch.zeros(n + 1, dtype=torch.int64)
         torch.cumsum(counts, 0, out=begin[1:])
         self.num_chunks = c = int(begin[-1])
+        self.num_filled = int((counts > 0).sum())  # tensors that own a chunk
         sizes = [_even(n), _even(n), _even(n), _even(n + 1), _even(c)]
         host = torch.zeros(sum(sizes), dtype=torch.int64)
         sections = list(host.split(sizes))
@@ -116,9 +117,10 @@ class TensorTable:
         sections[2][:n] = torch.tensor(codes, dtype=torch.int64) if n else 0
         sections[3][: n + 1] = begin
         sections[4][:c] = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), counts)
-        self.buffer = host.to(device)  # one copy; a synchronous one from pageable memory, on a miss only
+        self.buffer = to_device(host, device)  # one asynchronous copy, on a miss only
         self.dev_ptrs, self.numels, self.codes, self.chunk_begin, self.chunk_tensor = self.buffer.split(sizes)
         self._exact = None
+        self._tickets = None
         # Dropped when a tensor dies: an identity-based signature is void then, and staging buffers are as
         # large as their gradients. Weak references only: the cache must never keep a gradient alive.
         self._refs = [weakref.ref(g, self._drop) for g in grads] if watch_lifetimes or self.staging else []
@@ -131,6 +133,16 @@ class TensorTable:
             self._exact = (self.dev_ptrs[:n], self.numels[:n], self.codes[:n], self.chunk_begin[: n + 1],
                            self.chunk_tensor[:c])
         return self._exact
+
+    @property
+    def tickets(self) -> torch.Tensor:
+        """int32 [num_tensors + 1] counters, zero between launches: the norm pass's programs draw from them to
+        find the last one of each tensor and of the launch, which resets them (triton_kernels/fused_norm.py).
+        One launch at a time uses a table's counters: the same gradient list is not clipped on two streams at
+        once."""
+        if self._tickets is None:
+            self._tickets = torch.zeros(self.num_tensors + 1, dtype=torch.int32, device=self.buffer.device)
+        return self._tickets
 
     def _drop(self, _ref) -> None:
         if _cache.get(self.key) is self:
@@ -145,6 +157,15 @@ class TensorTable:
         """Copies the staging buffers back into their non-contiguous gradients."""
         for i, buf in self.staging:
             grads[i].copy_(buf)
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A table built on the host, on ``device``. A GPU gets it through pinned memory, asynchronously: from
+    pageable memory the copy would wait for the device, a host sync on every table miss. (The caching host
+    allocator keeps the pinned block until the copy has read it.)"""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _aligned(ptr: int, chunk_bytes: int) -> bool:
@@ -187,6 +208,7 @@ def tensor_table(grads: list[torch.Tensor], chunk: int = CHUNK) -> TensorTable:
         digest, signature = compiled
         key = (chunk, len(grads), digest)
     else:
+        check_grads(grads)  # what the compiled signature refuses may have no data pointer to read
         # The dict key is only (chunk, length, first and last id); the full tuples are compared (not hashed:
         # hashing costs as much as building them) against the entry's.
         key = (chunk, len(grads), id(grads[0]), id(grads[-1]))

@@ -43,6 +43,11 @@ class TritonBackend(Backend):
         table.stage_in(grads)
         return self._k.fused_norm_triton(table, inv_scale, norm_type, clamp)
 
+    def clip_norm_pass(self, grads, inv_scale, norm_type, clamp, max_norm, mode, eps, rule):
+        table = tensor_table(grads)
+        table.stage_in(grads)
+        return self._k.fused_norm_triton(table, inv_scale, norm_type, clamp, (max_norm, mode, eps, rule))
+
     def scale_pass(self, grads, coef, inv_scale, clamp, found_inf, zero_if_inf):
         table = table_to_write(grads, coef, lambda g, c: self.scale_pass(g, c, inv_scale, clamp, found_inf,
                                                                         zero_if_inf))

@@ -24,18 +24,12 @@ import weakref
 
 import torch
 
-from .tensor_table import _even
+from ..contract import unit_count
+from .tensor_table import _even, to_device
 
 SEGMENT = 32768  # elements per program, as the tensor table's CHUNK: enough work to hide a program's start-up
 
 _layouts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def unit_count(t: torch.Tensor) -> int:
-    """The units of ``t`` for unit-wise norms: its rows along dim 0 when it has more than one dimension (the
-    output units of a Linear or Conv weight), else one, the whole tensor (timm's ``unitwise_norm``). Exported
-    as ``ampclip.ops.unit_count``."""
-    return t.shape[0] if t.dim() > 1 else 1
 
 
 class UnitLayout:
@@ -91,7 +85,7 @@ class UnitLayout:
         torch.cumsum(unit_slots, 0, out=sections[6][1 : u + 1])
         torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0, out=sections[7][1 : n + 1])
         device = tensors[0].device
-        self.buffer = host.to(device)  # one copy, on a cache miss only
+        self.buffer = to_device(host, device)  # one asynchronous copy, on a cache miss only
         (self.seg_tensor, self.seg_start, self.seg_len, self.seg_unit, self.seg_slot, self.row_len,
          self.unit_slot_begin, self.tensor_unit_begin) = self.buffer.split(sizes)
 
