@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from . import ops
+from . import distributed, ops
 from .clipper import ClipStats, FusedClipper
 from .strategies import AGC, ClipStep, Exclude, ZClipStrategy
 
@@ -35,6 +35,13 @@ def adaptive_clip_grad_(parameters, clip_factor: float = 0.01, eps: float = 1e-3
     final classifier). One read of the parameters, one of the gradients, one read and write of the units
     clipped; no host sync. Returns the pre-clip total norm of the gradients (0-d, float32; timm returns None).
 
+    As timm: a gradient holding inf or NaN does not stop the others from being clipped (its own units come out
+    NaN or 0, as in timm); the returned norm is then not finite, which tells the caller to skip the step. A
+    gradient held by several entries (a parameter listed twice, tied weights) is clipped once. Parameters on
+    several devices are measured on each, and every device is measured before any gradient is written (a meta
+    parameter beside CPU ones fails as ``get_total_norm`` does, with nothing written). DTensor (sharded)
+    parameters raise NotImplementedError.
+
     Example::
 
         loss.backward()
@@ -52,6 +59,10 @@ def adaptive_clip_grad_(parameters, clip_factor: float = 0.01, eps: float = 1e-3
     present = [(i, p) for i, p in enumerate(items) if p.grad is not None]
     if not present:
         return torch.tensor(0.0)
+    if any(distributed.is_dtensor(p) or distributed.is_dtensor(p.grad) for _, p in present):
+        raise NotImplementedError("adaptive_clip_grad_ does not take sharded (DTensor) parameters or gradients: a "
+                                  "shard holds part of a unit (a row of a parameter, or a whole vector); clip the "
+                                  "full tensors")
     by_device: dict[torch.device, list] = {}
     for i, p in present:
         by_device.setdefault(p.grad.device, []).append((i, p))
@@ -60,12 +71,18 @@ def adaptive_clip_grad_(parameters, clip_factor: float = 0.01, eps: float = 1e-3
         grads = [p.grad for _, p in members]
         name = ops.resolve_backend(backend, device)
         ops.check_grads(grads, writable=True)
-        steps.append(ClipStep([p for _, p in members], grads, [i for i, _ in members], None, norm_type, False, name))
-    totals = [strategy.clip(step).total for step in steps]
+        steps.append(ClipStep([p for _, p in members], grads, [i for i, _ in members], None, norm_type, False, name,
+                              clip_nonfinite=True))
+    measured = [strategy.measure(step) for step in steps]
+    totals = [m.result.total for m in measured]
     if len(totals) == 1:
-        return totals[0]
-    first = present[0][1].grad.device
-    return ops.combine_norms(torch.stack([t.to(first) for t in totals]), norm_type)
+        total = totals[0]
+    else:  # combined before any write: a norm that cannot reach the first device fails with nothing written
+        first = present[0][1].grad.device
+        total = ops.combine_norms(torch.stack([t.to(first) for t in totals]), norm_type)
+    for step, m in zip(steps, measured):
+        strategy.apply(step, m)
+    return total
 
 
 class ZClip:

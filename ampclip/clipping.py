@@ -50,6 +50,8 @@ class GradientClipper:
         coef_rule, coef_eps: the clip coefficient of a norm bound, ``min(1, max_norm / (norm + coef_eps))``
             ("torch", eps 1e-6 as torch) or ``max_norm / max(norm + coef_eps, max_norm)`` ("max"); see
             :class:`FusedClipper`.
+        overlap: measure the norms while backward runs (``True``, a DDP model or an :class:`ampclip.Overlap`);
+            see :class:`FusedClipper` and :meth:`no_measure`.
         **strategy_options: the strategy's own options, e.g. ``percentile`` and ``history_size`` for
             "adaptive" (AutoClip); ``alpha``, ``z_thresh``, ``warmup_steps``, ``zclip_mode``, ... for "zclip";
             ``clip_factor``, ``eps``, ``exclude`` for "agc".
@@ -77,6 +79,7 @@ class GradientClipper:
         on_nonfinite: str = "leave",
         coef_rule: str = "torch",
         coef_eps: float = ops.EPS,
+        overlap=False,
         **strategy_options,
     ):
         bound = strategies.create(strategy, precision, max_norm, clip_value, mode, **strategy_options)
@@ -85,7 +88,8 @@ class GradientClipper:
         self.precision = precision
         self.enable_monitoring = enable_monitoring
         self.fused = FusedClipper(parameters, norm_type=norm_type, groups=groups, backend=backend,
-                                  on_nonfinite=on_nonfinite, strategy=bound, eps=coef_eps, coef_rule=coef_rule)
+                                  on_nonfinite=on_nonfinite, strategy=bound, eps=coef_eps, coef_rule=coef_rule,
+                                  overlap=overlap)
         self.reset()
 
     # The settings of the clipper underneath.
@@ -112,6 +116,10 @@ class GradientClipper:
 
     def can_defer_to(self, optimizer) -> bool:
         return self.fused.can_defer_to(optimizer)
+
+    def no_measure(self):
+        """Backward passes in this block are not measured (see :meth:`FusedClipper.no_measure`)."""
+        return self.fused.no_measure()
 
     def reset(self) -> None:
         """Forget the statistics and the strategy's history."""
@@ -160,16 +168,24 @@ class GradientClipper:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output. Every entry is checked before any is replaced: a bad one raises
+        ValueError and leaves the clipper, its strategy and its statistics as they were."""
         name = self.fused.strategy.name
         if state["strategy"] != name:
             raise ValueError(f"state_dict is for strategy {state['strategy']!r}, not {name!r}")
-        if tuple(state["layers"].shape) != tuple(self._layers.shape):
-            raise ValueError(f"state_dict is for {state['layers'].shape[1]} parameters, this clipper has "
+        layers = state["layers"]
+        if isinstance(layers, torch.Tensor) and layers.dim() == 2 and layers.shape[1] != self._layers.shape[1]:
+            raise ValueError(f"state_dict is for {layers.shape[1]} parameters, this clipper has "
                              f"{self._layers.shape[1]}")
-        self.fused.load_state_dict(state["clipper"])
-        self.steps = int(state["steps"])
-        self._counters.copy_(state["counters"])
-        self._layers.copy_(state["layers"])
+        layers = ops.check_saved(layers, tuple(self._layers.shape), "layers")
+        counters = ops.check_saved(state["counters"], (2,), "counters")
+        if not bool((counters >= 0).all()) or not bool(counters.isfinite().all()):
+            raise ValueError(f"state_dict's counters must be finite and >= 0, got {counters.tolist()}")
+        steps = ops.check_count(state["steps"], "steps")
+        self.fused.load_state_dict(state["clipper"])  # checks all of its own before it replaces any
+        self.steps = steps
+        self._counters.copy_(counters)
+        self._layers.copy_(layers)
 
 
 def create_gradient_clipper(parameters, strategy="norm", max_norm: Optional[float] = None,

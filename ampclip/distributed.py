@@ -26,10 +26,15 @@ def _dtensor_type():
     return DTensor
 
 
+def is_dtensor(tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (False for anything else, and without torch.distributed)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
 def local(tensor):
     """The local tensor of a DTensor (for a replicated result, the whole value); a plain tensor as it is."""
-    dtensor = _dtensor_type()
-    return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor) else tensor
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 class Shards:

@@ -53,6 +53,25 @@ def _parameters(parameters: TensorOrTensors) -> list:
     return params
 
 
+def _fused_or_torch(fused, tensors: list, name: str, *args):
+    """``fused()``; when a backend refuses tensors (parameters or gradients) that are on several devices, torch's
+    own ``name(*args)`` instead, so that such a mix gets torch's result or torch's error.
+
+    Without an accelerator ``ops`` takes every gradient to be on the first one's device rather than ask each
+    (0.1 us a tensor, 1 ms for 10,000); a meta tensor beside CPU ones then reaches a backend, which refuses it
+    (a ValueError) before writing anything. torch measures each device on its own and fails copying a meta
+    norm to the CPU (NotImplementedError), or clamps and scales each device alone. The devices are asked on
+    this error path only; with an accelerator ``ops`` groups by device itself, and a ValueError is the input's."""
+    try:
+        return fused()
+    except ValueError:
+        first = tensors[0].device
+        if torch.cuda.is_available() or all(t.device == first for t in tensors):
+            raise
+    original = _saved_torch.get(("torch.nn.utils", name), _MISSING)  # torch's, whether patched or not
+    return (getattr(torch.nn.utils, name) if original is _MISSING else original)(*args)
+
+
 def get_total_norm(
     tensors: TensorOrTensors,
     norm_type: float = 2.0,
@@ -74,8 +93,12 @@ def get_total_norm(
     grads = ops.as_list(tensors, "tensors")
     if not grads:
         return torch.tensor(0.0)
-    sharded = distributed.sharded(grads)
-    total = sharded.total_norm(p, backend) if sharded else ops.total_norm(grads, p, backend)
+    sharded = distributed.sharded(grads) if p > 0 else None  # torch's rare norms: torch's ops, which take DTensors
+    if sharded:
+        total = sharded.total_norm(p, backend)
+    else:
+        total = _fused_or_torch(lambda: ops.total_norm(grads, p, backend), grads, "get_total_norm", grads, p,
+                                error_if_nonfinite, foreach)
     if error_if_nonfinite:
         ops.raise_if_nonfinite(total, p)
     return total
@@ -90,19 +113,25 @@ def clip_grads_with_norm_(
 ) -> None:
     """Scale the gradients by ``min(1, max_norm / (total_norm + 1e-6))``, like torch's function of that name.
 
+    ``total_norm``: a one-element tensor of any real dtype (torch's ``get_total_norm`` of float16 gradients is
+    float16), taken in float32 (float64 stays float64); a number raises TypeError, as in torch.
+
     Example::
 
         >>> total = ampclip.get_total_norm(grads)          # e.g. after an all-reduce of its square
         >>> ampclip.clip_grads_with_norm_(model.parameters(), 1.0, total)
     """
     bound = ops.check_bound(max_norm, "max_norm")
-    grads = ops.grads_of(parameters)
+    params = _parameters(parameters)
+    grads = ops.grads_of(params)
     if not grads:
         return
     sharded = distributed.sharded(grads)
     if sharded:
         return sharded.scale_by(ops.clip_coef(bound, distributed.local(total_norm), backend), backend=backend)
-    ops.scale_by(grads, ops.clip_coef(bound, total_norm, backend), backend=backend)
+    coef = ops.clip_coef(bound, total_norm, backend)
+    _fused_or_torch(lambda: ops.scale_by(grads, coef, backend=backend), grads, "clip_grads_with_norm_", params,
+                    bound, total_norm, foreach)
 
 
 def clip_grad_norm_(
@@ -129,14 +158,15 @@ def clip_grad_norm_(
     bound = ops.check_bound(max_norm, "max_norm")
     p = ops.check_norm_type(norm_type, kernels=False)
     params = _parameters(parameters)
-    sharded = distributed.sharded(params, of_grads=True)
+    sharded = distributed.sharded(params, of_grads=True) if p > 0 else None  # as in get_total_norm
     if sharded:  # FSDP2: the local shards, one reduction per mesh dimension
         total = sharded.total_norm(p, backend)
         if error_if_nonfinite:
             ops.raise_if_nonfinite(distributed.local(total), p)
         sharded.scale_by(ops.clip_coef(bound, distributed.local(total), backend), backend=backend)
         return total
-    return ops.clip_parameters(params, bound, p, error_if_nonfinite, backend)
+    return _fused_or_torch(lambda: ops.clip_parameters(params, bound, p, error_if_nonfinite, backend), params,
+                           "clip_grad_norm_", params, bound, p, error_if_nonfinite, foreach)
 
 
 def clip_grad_value_(
@@ -151,7 +181,8 @@ def clip_grad_value_(
         >>> ampclip.clip_grad_value_(model.parameters(), clip_value=0.5)
     """
     bound = ops.check_bound(clip_value, "clip_value")
-    grads = ops.grads_of(_parameters(parameters))
+    params = _parameters(parameters)
+    grads = ops.grads_of(params)
     if not grads:
         return
     sharded = distributed.sharded(grads)
@@ -159,7 +190,9 @@ def clip_grad_value_(
         return sharded.scale_by(torch.ones((), device=sharded.locals[0].device), clip_value=bound, backend=backend)
     if any(g.is_complex() for g in grads):  # torch refuses too, with these words
         raise NotImplementedError("clamp is not supported for complex types")
-    ops.scale_by(grads, torch.ones((), device=grads[0].device), clip_value=bound, backend=backend)
+    one = torch.ones((), device=grads[0].device)
+    _fused_or_torch(lambda: ops.scale_by(grads, one, clip_value=bound, backend=backend), grads, "clip_grad_value_",
+                    params, bound, foreach)
 
 
 def compute_gradient_norm(model_or_parameters, norm_type: float = 2.0) -> float:

@@ -39,6 +39,7 @@ __all__ = [
     "RECOMMENDED_CLIPPING_THRESHOLDS",
     "STRATEGIES",
     "AGC",
+    "AGCMeasure",
     "AutoClip",
     "ClipStep",
     "ClipStrategy",
@@ -82,7 +83,9 @@ class ClipStep:
     """What the clipper hands a strategy with ``own_passes`` (:meth:`ClipStrategy.clip`): the parameters that
     have a gradient and those gradients (in the clipper's order; ``indices`` their positions among its
     parameters, None when all are present), the loss scale's inverse (a 0-d device tensor or None), the norm
-    type, whether a step with inf/NaN zeroes the gradients, and the backend to run the ops on."""
+    type, whether a step with inf/NaN zeroes the gradients, and the backend to run the ops on.
+    ``clip_nonfinite``: clip a step with inf/NaN all the same, as ``timm.utils.adaptive_clip_grad`` does (the
+    clipper leaves such a step alone, or zeroes it)."""
 
     params: list
     grads: list
@@ -91,6 +94,7 @@ class ClipStep:
     norm_type: float
     zero_if_inf: bool
     backend: str
+    clip_nonfinite: bool = False
 
 
 @dataclass
@@ -255,16 +259,17 @@ class AutoClip(ClipStrategy):
                 "count": int(self._count)}
 
     def load_state_dict(self, state: dict) -> None:
+        # every entry checked before any is replaced: a bad one leaves the strategy as it was
         history = state["history"]
-        if len(history) != self.history_size:
+        if isinstance(history, (torch.Tensor, list, tuple)) and len(history) != self.history_size:
             raise ValueError(f"history_size differs: saved {len(history)}, here {self.history_size}")
-        percentile = float(state["percentile"])
-        if not 0 < percentile <= 100:
-            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+        history = ops.check_saved(history, (self.history_size,), "history", torch.float32)
+        count = ops.check_count(state["count"], "count")
+        percentile = _check_range("percentile", state["percentile"], 0.0, 100.0, low_open=True)
         super().load_state_dict(state)
         self.percentile = percentile
         self._history.copy_(history)
-        self._count.fill_(int(state["count"]))
+        self._count.fill_(count)
 
 
 def _check_range(name: str, value, low: float, high: float = math.inf, low_open: bool = False) -> float:
@@ -358,10 +363,8 @@ class ZClipStrategy(ClipStrategy):
         if theirs != self._settings():
             differ = sorted(k for k in theirs if theirs[k] != self._settings()[k])
             raise ValueError(f"state_dict is for other zclip settings: {differ} differ")
-        saved, warmup = state["state"], state["warmup"]
-        if tuple(saved.shape) != (4,) or tuple(warmup.shape) != tuple(self._warmup.shape):
-            raise ValueError(f"state_dict holds a zclip state of {tuple(saved.shape)} and a warm-up buffer of "
-                             f"{tuple(warmup.shape)}, expected (4,) and {tuple(self._warmup.shape)}")
+        saved = ops.check_saved(state["state"], (4,), "zclip state")
+        warmup = ops.check_saved(state["warmup"], tuple(self._warmup.shape), "warm-up buffer")
         super().load_state_dict(state)
         self._state.copy_(saved)
         self._warmup.copy_(warmup)
@@ -452,6 +455,18 @@ class AGC(ClipStrategy):
         return layout
 
     def clip(self, step: ClipStep) -> StepResult:
+        measured = self.measure(step)
+        self.apply(step, measured)
+        return measured.result
+
+    def measure(self, step: ClipStep) -> "AGCMeasure":
+        """The step's norms and coefficients, nothing written (:meth:`apply` writes them): a caller with
+        gradients on several devices measures every device before it writes any.
+
+        A gradient held by several entries (a parameter listed twice, tied weights gathered from two modules,
+        two parameters sharing one ``.grad``) is clipped once, by the smallest coefficient of each unit among
+        its entries: timm clips it by each in turn, which leaves the smallest (the same, within rounding).
+        Every entry still counts in the norms, as in ``get_total_norm`` of such a list."""
         kept, scatter = self._layout(step)
         with torch.no_grad():
             grad_units, per_tensor, total, found_inf = ops.unit_norm_pass(step.grads, step.inv_scale, step.norm_type,
@@ -465,8 +480,22 @@ class AGC(ClipStrategy):
                 param_units = infinite.index_copy(0, index, param_units.to(infinite.dtype))
             coef, post = ops.unit_clip_finalize(param_units, grad_units, self.clip_factor, self.eps, step.norm_type,
                                                 backend=step.backend)
-            ops.unit_scale_pass(step.grads, coef, step.inv_scale, found_inf, step.zero_if_inf, backend=step.backend)
-        return StepResult(total, coef, post, found_inf, per_tensor)
+            targets, written = step.grads, coef
+            shared = _shared_gradients(step.grads)
+            if shared is not None:
+                targets, first_units, target = shared
+                least = torch.full_like(coef, math.inf).scatter_reduce(0, target, coef, "amin")
+                coef = least.index_select(0, target)
+                post = ops.combine_norms(grad_units.double() * coef.double(), step.norm_type).to(post.dtype)
+                written = coef.index_select(0, first_units)
+        return AGCMeasure(StepResult(total, coef, post, found_inf, per_tensor), targets, written)
+
+    def apply(self, step: ClipStep, measured: "AGCMeasure") -> None:
+        """The unit-wise scale pass of a measured step (see :meth:`measure`)."""
+        found_inf = None if step.clip_nonfinite else measured.result.found_inf
+        with torch.no_grad():
+            ops.unit_scale_pass(measured.targets, measured.coef, step.inv_scale, found_inf, step.zero_if_inf,
+                                backend=step.backend)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "clip_factor": self.clip_factor, "eps": self.eps}
@@ -476,6 +505,37 @@ class AGC(ClipStrategy):
         eps = _check_range("eps", state.get("eps", self.eps), 0.0)
         super().load_state_dict(state)
         self.clip_factor, self.eps = clip_factor, eps
+
+
+@dataclass
+class AGCMeasure:
+    """A measured AGC step (:meth:`AGC.measure`): its result, and what the scale pass writes: the gradients,
+    each once, and one coefficient per unit of them."""
+
+    result: StepResult
+    targets: list
+    coef: torch.Tensor
+
+
+def _shared_gradients(grads: list):
+    """None when every entry of ``grads`` is a tensor of its own, else ``(gradients, first_units, target)``:
+    each tensor once (at its first entry), the positions of their units among all units (a device index), and
+    for every unit the position of the same unit in its tensor's first entry. One set of identities a step
+    (about 50 ns a gradient); the rest only when a tensor repeats."""
+    if len(set(map(id, grads))) == len(grads):
+        return None
+    first: dict[int, int] = {}
+    owner = [first.setdefault(id(g), i) for i, g in enumerate(grads)]
+    counts = [ops.unit_count(g) for g in grads]
+    starts = [0]
+    for count in counts:
+        starts.append(starts[-1] + count)
+    target = [u for i, o in enumerate(owner) for u in range(starts[o], starts[o] + counts[i])]
+    unique = [i for i, o in enumerate(owner) if o == i]
+    first_units = [u for i in unique for u in range(starts[i], starts[i + 1])]
+    device = grads[0].device
+    return ([grads[i] for i in unique], torch.tensor(first_units, dtype=torch.int64, device=device),
+            torch.tensor(target, dtype=torch.int64, device=device))
 
 
 STRATEGIES: dict[str, type[ClipStrategy]] = {}

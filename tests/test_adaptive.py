@@ -12,7 +12,7 @@ import torch
 import ampclip
 from ampclip import ops, reference
 from ampclip.models import TinyGPT, TinyGPTConfig, random_batches
-from helpers import CPU_BACKENDS, bitwise_equal
+from helpers import CPU_BACKENDS, bitwise_equal, rel_close
 
 timm_agc = reference.timm_adaptive_clip_grad()
 needs_timm = pytest.mark.skipif(timm_agc is None, reason="timm is not installed (pip install timm --no-deps)")
@@ -160,6 +160,100 @@ def test_agc_exclude_leaves_parameters_unclipped_but_unscaled(exclude):
         want = g if n in left_out else next(kept).grad
         torch.testing.assert_close(q.grad, want, rtol=4e-7, atol=0)
     ampclip.adaptive_clip_grad_(list(zip(names, _with_grads(params, grads))), exclude=rule)  # the same, functional
+
+
+@needs_timm
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_agc_exclude_with_clip_factor_zero_leaves_the_excluded_alone(backend):
+    # clip_factor 0 bounds every unit at 0; the excluded ones have an infinite bound, and inf * 0 must not turn
+    # their gradients into NaN.
+    params, grads = _agc_case(seed=3)
+    left_out = {i for i, p in enumerate(params) if p.dim() <= 1}
+    rule = lambda name, p: p.dim() <= 1  # noqa: E731
+    kept = [t for i, t in enumerate(_with_grads(params, grads)) if i not in left_out]
+    timm_agc(kept, clip_factor=0.0, eps=1e-3)
+    kept = iter(kept)
+    ours = _with_grads(params, grads)
+    clipper = ampclip.GradientClipper(_with_grads(params, grads), "agc", clip_factor=0.0, exclude=rule,
+                                      backend=backend)
+    total = ampclip.adaptive_clip_grad_(ours, clip_factor=0.0, exclude=rule, backend=backend)
+    stats = clipper.clip_()
+    for i, (q, c, g) in enumerate(zip(ours, clipper.params, grads)):
+        want = g if i in left_out else next(kept).grad
+        assert bitwise_equal(q.grad, want) and bitwise_equal(c.grad, want), i
+    want_post = reference.exact_norm([g for i, g in enumerate(grads) if i in left_out], 2.0)
+    assert rel_close(stats.post_clip_norm.item(), want_post, 2e-6)
+    assert rel_close(total.item(), reference.exact_norm(grads, 2.0), 2e-6)
+    assert bool(stats.clip_coef.isfinite().all())
+
+
+@needs_timm
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_agc_clips_a_gradient_held_by_two_entries_once(backend):
+    params, grads = _agc_case(seed=4)
+    # (a) a parameter listed twice (tied weights gathered from two modules), as timm is handed it
+    ours, theirs = _with_grads(params, grads), _with_grads(params, grads)
+    total = ampclip.adaptive_clip_grad_(ours + ours[:2], clip_factor=0.01, backend=backend)
+    timm_agc(theirs + theirs[:2], clip_factor=0.01)  # clips them twice: the second time changes next to nothing
+    for q, t, e in zip(ours, theirs, _exact_agc(params, grads, 0.01, 1e-3)):
+        torch.testing.assert_close(q.grad, t.grad, rtol=4e-7, atol=0)
+        torch.testing.assert_close(q.grad.double(), e, rtol=RTOL[torch.float32], atol=0)
+    assert rel_close(total.item(), reference.exact_norm(grads + grads[:2], 2.0), 2e-6)
+    # (b) two parameters of different weights sharing one .grad: timm clips by one, then by the other
+    ours, theirs = _with_grads(params, grads), _with_grads(params, grads)
+    for pair in (ours, theirs):
+        twin = torch.nn.Parameter(pair[2].detach() * torch.linspace(0.1, 3.0, pair[2].shape[0])[:, None])
+        twin.grad = pair[2].grad  # the same tensor
+        pair.append(twin)
+    timm_agc(theirs, clip_factor=0.01)
+    named = [(f"p{i}", q) for i, q in enumerate(ours)]
+    scaled = [g * 8 for g in grads]
+    for q, g in zip(ours, scaled):
+        q.grad.copy_(g)  # the shared one is written once, through either entry
+    stats = ampclip.GradientClipper(named, "agc", clip_factor=0.01, backend=backend).clip_(torch.tensor(0.125))
+    for q, t in zip(ours, theirs):
+        torch.testing.assert_close(q.grad, t.grad, rtol=4e-7, atol=0)
+    assert ours[-1].grad is ours[2].grad
+    after = [q.grad for q in ours]  # the shared gradient counts twice, as it does in the pre-clip norm
+    assert rel_close(stats.post_clip_norm.item(), reference.exact_norm(after, 2.0), 2e-6)
+    assert rel_close(stats.total_norm.item(), reference.exact_norm(grads + grads[2:3], 2.0), 2e-6)
+
+
+@needs_timm
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's NumPy, on inf * 0
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
+def test_agc_with_a_nonfinite_gradient_clips_the_others_as_timm(backend, value):
+    params, grads = _agc_case(seed=5)
+    grads[2][5, 3] = value
+    ours, theirs = _with_grads(params, grads), _with_grads(params, grads)
+    total = ampclip.adaptive_clip_grad_(ours, clip_factor=0.01, backend=backend)
+    timm_agc(theirs, clip_factor=0.01)
+    assert not math.isfinite(total.item())  # what tells the caller to skip the step
+    clipped = 0
+    for q, t, g in zip(ours, theirs, grads):
+        torch.testing.assert_close(q.grad, t.grad, rtol=4e-7, atol=0, equal_nan=True)
+        clipped += not torch.equal(q.grad, g)
+    assert clipped >= 4
+
+
+@pytest.mark.parametrize("meta_first", [False, True], ids=["cpu_first", "meta_first"])
+def test_agc_measures_every_device_before_it_writes_any(meta_first):
+    params, grads = _agc_case(seed=6)
+    ours = _with_grads(params, grads)
+    meta = torch.nn.Parameter(torch.empty(4, 3, device="meta"))
+    meta.grad = torch.empty(4, 3, device="meta")
+    mixed = [meta, *ours] if meta_first else [*ours, meta]
+    if not meta_first:  # the CPU norm first: the meta one cannot be copied to it, as in get_total_norm
+        theirs = pytest.raises(NotImplementedError, lambda: torch.nn.utils.get_total_norm([p.grad for p in mixed]))
+        with pytest.raises(type(theirs.value)):
+            ampclip.adaptive_clip_grad_(mixed, clip_factor=0.01)
+        assert all(bitwise_equal(q.grad, g) for q, g in zip(ours, grads))
+        return
+    total = ampclip.adaptive_clip_grad_(mixed, clip_factor=0.01)
+    assert total.device.type == "meta"
+    for q, e in zip(ours, _exact_agc(params, grads, 0.01, 1e-3)):
+        torch.testing.assert_close(q.grad.double(), e, rtol=RTOL[torch.float32], atol=0)
 
 
 def test_agc_without_parameters_or_gradients():
@@ -345,6 +439,25 @@ def test_zclip_skips_overflowing_steps_without_touching_its_state():
     state = zclip.statistics()
     assert state["zclip_warmup_seen"] == 3 and state["zclip_ready"]
     assert math.isfinite(state["zclip_mean"]) and coefs[-1] < 0.2  # the spike is clipped by a clean EMA
+
+
+@needs_zclip
+def test_zclip_step_without_gradients_changes_no_state_where_the_package_records_zero():
+    # The documented difference (docs/strategies.md): an empty step carries no norm. The package measures it as
+    # 0.0, so its warm-up holds one more entry.
+    p = torch.nn.Parameter(torch.zeros(4))
+    ours = ampclip.ZClip([p], warmup_steps=3, max_grad_norm=None)
+    theirs, module = zclip_package.ZClip(warmup_steps=3, max_grad_norm=None), torch.nn.Linear(4, 1, bias=False)
+    for value in (1.0, None, 1.2):
+        p.grad = None if value is None else torch.tensor([value, 0.0, 0.0, 0.0])
+        module.weight.grad = None if value is None else torch.tensor([[value, 0.0, 0.0, 0.0]])
+        before = ours.state_dict()
+        stats = ours.clip_()
+        theirs.step(module)
+        if value is None:
+            assert repr(ours.state_dict()) == repr(before) and stats.total_norm.item() == 0.0
+    assert ours.statistics()["zclip_warmup_seen"] == 2 and not ours.initialized
+    assert theirs.initialized  # 1.0, 0.0 and 1.2 filled its warm-up of three
 
 
 def test_zclip_through_gradient_clipper_and_amp_config():

@@ -197,3 +197,65 @@ def test_drop_ins_on_dtensor_gradients_equal_torch_on_the_full_tensors():
         for got, w in zip(out["with_norm"], want):
             torch.testing.assert_close(got, w, rtol=2e-6, atol=0)
         assert out["scaler_found"] == 1.0  # rank 1's shard was finite: it skips all the same
+
+
+def _rare_norms_worker(rank, world_size, port, results):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import ampclip
+
+    with gloo_worker(rank, world_size, port, results):
+        mesh = init_device_mesh("cpu", (world_size,))
+        gen = torch.Generator().manual_seed(1)
+        full = [torch.randn(6, 5, generator=gen), torch.randn(7, generator=gen)]
+        full[0][2, 1] = 0.0  # norm 0 counts non-zeros
+
+        def params_with(values):
+            params = []
+            for v, placement in zip(values, [Shard(0), Replicate()]):
+                p = torch.nn.Parameter(distribute_tensor(torch.ones_like(v), mesh, [placement]))
+                p.grad = distribute_tensor(v.clone(), mesh, [placement])
+                params.append(p)
+            return params
+
+        out = {}
+        for norm_type in (0.0, -math.inf, -1.0, -2.0):
+            ours, theirs = params_with(full), params_with(full)
+            totals = [ampclip.get_total_norm([p.grad for p in ours], norm_type),
+                      torch.nn.utils.get_total_norm([p.grad for p in theirs], norm_type),
+                      ampclip.clip_grad_norm_(ours, 0.01, norm_type),
+                      torch.nn.utils.clip_grad_norm_(theirs, 0.01, norm_type)]
+            out[norm_type] = ([type(t).__name__ for t in totals], [float(t.full_tensor()) for t in totals],
+                              [p.grad.full_tensor() for p in ours], [p.grad.full_tensor() for p in theirs])
+        # AGC's units are rows of each parameter, which a shard splits: a clear error, nothing written
+        params = params_with(full)
+        errors = []
+        for clip in (lambda: ampclip.adaptive_clip_grad_(params),
+                     lambda: ampclip.GradientClipper(params, "agc").clip_()):
+            try:
+                clip()
+                errors.append(None)
+            except NotImplementedError as exc:
+                errors.append(str(exc))
+        out["agc"] = (errors, [p.grad.full_tensor() for p in params])
+        results[rank] = out
+
+
+def test_rare_norm_types_on_dtensor_gradients_equal_torch_and_agc_refuses_them_clearly():
+    results = run_two_processes(_rare_norms_worker)
+    gen = torch.Generator().manual_seed(1)
+    full = [torch.randn(6, 5, generator=gen), torch.randn(7, generator=gen)]
+    full[0][2, 1] = 0.0
+    for rank in (0, 1):
+        out = results[rank]
+        for norm_type in (0.0, -math.inf, -1.0, -2.0):
+            kinds, totals, ours, theirs = out[norm_type]
+            assert kinds == ["DTensor"] * 4, (norm_type, kinds)
+            assert totals[0] == totals[1] and totals[2] == totals[3], (norm_type, totals)
+            assert totals[0] == totals[2]
+            for a, b in zip(ours, theirs):
+                assert torch.equal(a, b), norm_type
+        errors, grads = out["agc"]
+        assert all(e is not None and "DTensor" in e for e in errors), errors
+        assert all(torch.equal(g, f) for g, f in zip(grads, full))

@@ -54,6 +54,53 @@ def test_autoclip_state_round_trips_exactly():
         ampclip.GradientClipper(_params([[1.0]]), "adaptive", history_size=5).load_state_dict(a.state_dict())
 
 
+def _snapshot(clipper):
+    state = clipper.state_dict()
+    return state, repr(state)  # the repr holds every tensor's values
+
+
+_CLIPPER_ENTRIES = [("counters", [1.0, 2.0, 3.0]), ("counters", "many"), ("counters", [-1.0, 0.0]),
+                    ("counters", [math.nan, 0.0]), ("layers", torch.zeros(2, 1, dtype=torch.float64)),
+                    ("steps", -3), ("steps", 2.5), ("max_norm", -1.0)]
+_STRATEGY_ENTRIES = {"adaptive": [("history", torch.zeros(3)), ("history", ["a"] * 4), ("count", "x"),
+                                  ("count", -1), ("percentile", 0.0)],
+                     "zclip": [("zclip state", torch.zeros(5)), ("warmup", "x")]}
+
+
+@pytest.mark.parametrize("strategy, where, change", [
+    pytest.param(strategy, where, change, id=f"{strategy}-{where}-{change!r}"[:60])
+    for strategy in ("adaptive", "zclip", "norm")
+    for where, change in _CLIPPER_ENTRIES + _STRATEGY_ENTRIES.get(strategy, [])])
+def test_load_state_dict_checks_everything_before_it_replaces_anything(strategy, where, change):
+    # The strategy's part (history, count, ...) is checked before the clipper's counters are replaced, and the
+    # clipper's before the strategy's state: a bad entry anywhere leaves both as they were.
+    options = {"history_size": 4} if strategy == "adaptive" else {"warmup_steps": 2} if strategy == "zclip" else {}
+    a = ampclip.GradientClipper(_params([[1.0, 2.0], [3.0]]), strategy, max_norm=2.0, **options)
+    for value in (1.0, 3.0, 2.0):
+        a.params[0].grad = torch.tensor([value, 0.5])
+        a.params[1].grad = torch.tensor([value * 2])
+        a.clip_()
+    good = a.state_dict()
+    inner = {"history": "history", "count": "count", "percentile": "percentile", "zclip state": "state",
+             "warmup": "warmup", "max_norm": "max_norm"}
+    bad = {**good, "clipper": dict(good["clipper"])}
+    if where in inner:
+        bad["clipper"][inner[where]] = change
+    else:
+        bad[where] = change
+    b = ampclip.GradientClipper(_params([[1.0, 2.0], [3.0]]), strategy, max_norm=2.0, **options)
+    b.params[0].grad = torch.tensor([5.0, 1.0])
+    b.params[1].grad = torch.tensor([0.25])
+    b.clip_()
+    before, text = _snapshot(b)
+    with pytest.raises(ValueError):
+        b.load_state_dict(bad)
+    after, text_after = _snapshot(b)
+    assert text_after == text and b.steps == before["steps"] and b.max_norm == 2.0
+    b.load_state_dict(good)  # the good one still loads
+    assert repr(b.state_dict()) == repr(good)
+
+
 class HalfTheNorm(strategies.ClipStrategy):
     """A strategy of one's own: keep half of every step's global norm (a device tensor, no sync)."""
 
