@@ -30,6 +30,7 @@ from .functional import (
 from .metrics import MetricsLogger, TensorBoardSink
 from .nan import NaNDetector, NaNRecoveryManager, NaNReport, SpikeDetector
 from .ops import backend
+from .overlap import Overlap
 from .scaler import DynamicLossScaler
 from .trainer import AMPTrainer, create_amp_trainer, run_training_epoch
 
@@ -55,6 +56,7 @@ __all__ = [
     "NaNDetector",
     "NaNRecoveryManager",
     "NaNReport",
+    "Overlap",
     "SpikeDetector",
     "backend",
     "clip_grad_norm_",

@@ -19,6 +19,7 @@ whatever the number of tensors, plus what the strategy's bound costs (ZClip: one
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
@@ -26,6 +27,8 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from . import distributed, ops
+from .overlap import Meter, Overlap
+from .overlap import refusal as overlap_refusal
 from .strategies import BoundOverride, ClipStep, ClipStrategy, NormClip, StepNorms
 
 __all__ = ["ClipStats", "FusedClipper"]
@@ -72,7 +75,7 @@ class ClipStats:
             "post_clip_norm": post,
             "found_inf": bool(found),
             "clip_coef": coef[0] if self.clip_coef.dim() == 0 else coef,
-            "per_tensor_norms": dict(zip(self.names or range(len(coef)), host[2].tolist())),
+            "per_tensor_norms": dict(zip(self.names or range(len(self.per_tensor_norms)), host[2].tolist())),
         }
         if self.group_norms is not None:
             out["group_norms"] = self.group_norms.float().cpu().tolist()
@@ -110,6 +113,11 @@ class FusedClipper:
             replace ``max_norm``, ``mode`` and ``value_clip``).
         eps, coef_rule: the coefficient is ``min(1, max_norm / (norm + eps))`` (``coef_rule="torch"``, eps
             1e-6 as torch) or ``max_norm / max(norm + eps, max_norm)`` (``"max"``).
+        overlap: measure the norms while backward runs (:mod:`ampclip.overlap`): ``True`` (post-accumulate-grad
+            hooks, one norm pass per bucket of gradients), a ``DistributedDataParallel`` model (a comm hook
+            measures the reduced buckets), or an :class:`ampclip.Overlap` with settings. ``clip_`` is then a
+            finalize and the scale. Not with ``value_clip``, AGC or FSDP2's DTensor parameters (ValueError,
+            NotImplementedError). Wrap micro-batches that need no measuring in :meth:`no_measure`.
 
     Example::
 
@@ -135,6 +143,7 @@ class FusedClipper:
         strategy: Optional[ClipStrategy] = None,
         eps: float = ops.EPS,
         coef_rule: str = "torch",
+        overlap=False,
     ):
         params, names, param_groups = _parse_parameters(parameters)
         if not params:
@@ -146,6 +155,10 @@ class FusedClipper:
         if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
         self.strategy = strategy if strategy is not None else NormClip(max_norm, mode, value_clip)
+        overlap = Overlap.of(overlap)
+        refused = None if overlap is None else overlap_refusal(params, self.strategy, overlap)
+        if refused is not None:
+            raise refused
         devices = {p.device for p in params}
         if len(devices) != 1:
             raise ValueError(f"FusedClipper needs all parameters on one device, got {sorted(map(str, devices))}")
@@ -165,6 +178,7 @@ class FusedClipper:
         self._one = torch.ones((), device=self.device)
         self.strategy.attach(self.params, self.names)
         self.strategy.bind(self.device)
+        self._meter = None if overlap is None else Meter(params, self.norm_type, self.backend, overlap)
 
     # The strategy's settings, read and set through the clipper.
     @property
@@ -215,6 +229,20 @@ class FusedClipper:
         for p in self.params:
             p.grad = None
 
+    def no_measure(self):
+        """A context for backward passes whose gradients the next clip does not need measured as they stand:
+        gradient accumulation's micro-batches but the last (DDP's ``no_sync`` implies it). With ``overlap``
+        off it does nothing.
+
+        Example::
+
+            for i, batch in enumerate(micro_batches):
+                with clipper.no_measure() if i < len(micro_batches) - 1 else contextlib.nullcontext():
+                    model(batch).loss.backward()
+            clipper.clip_()
+        """
+        return contextlib.nullcontext() if self._meter is None else self._meter.paused()
+
     # ----------------------------------------------------------------------------------------------------
     def _group_index(self, indices: Optional[list[int]]) -> torch.Tensor:
         key = None if indices is None else tuple(indices)
@@ -239,7 +267,8 @@ class FusedClipper:
             inv_scale = tensor
         if inv_scale.numel() != 1:
             raise ValueError(f"inv_scale must hold one element, got {inv_scale.numel()}")
-        if inv_scale.device.type == "cpu" and not float(inv_scale) > 0:  # free to read on the CPU
+        # free to read on the CPU (not while traced: a compiled graph takes it as it comes)
+        if inv_scale.device.type == "cpu" and not torch.compiler.is_compiling() and not float(inv_scale) > 0:
             raise ValueError(f"inv_scale must be > 0 (a negative one would flip the gradients), got "
                              f"{float(inv_scale)}")
         if inv_scale.device != self.device or inv_scale.dtype != torch.float32:
@@ -261,7 +290,8 @@ class FusedClipper:
         ``inv_scale`` is a device tensor (1 / loss scale) or an ampclip ``DynamicLossScaler``. With
         ``defer_to=optimizer`` (a fused torch Adam, AdamW or SGD) the gradients are not rewritten: the
         optimizer gets ``grad_scale = 1 / (inv_scale * coef)`` and ``found_inf`` and applies them in its
-        own read of the gradients (global mode, no ``value_clip``).
+        own read of the gradients (global mode, no ``value_clip``). They are for the next step on these
+        gradients only: removed after it, and before a step on other gradients.
 
         ``max_norm`` overrides the strategy's bound for this call: a number, a device tensor, or a function
         of the pre-clip total norm returning one.
@@ -285,7 +315,12 @@ class FusedClipper:
         if not grads:
             return self._no_gradients()
         clamp = self.value_clip
-        per_tensor, total, found_inf = ops.norm_pass(grads, inv, self.norm_type, clamp, backend=self.backend)
+        measured = None if self._meter is None or clamp is not None else self._meter.take(indices, grads, inv,
+                                                                                             self.norm_type)
+        if measured is None:
+            per_tensor, total, found_inf = ops.norm_pass(grads, inv, self.norm_type, clamp, backend=self.backend)
+        else:  # measured during backward: only the finalize and the scale are left
+            per_tensor, total, found_inf = measured
         if shards is not None:
             per_tensor, total, found_inf = shards.reduce(per_tensor, found_inf, self.norm_type)
         if max_norm is None:
@@ -303,6 +338,8 @@ class FusedClipper:
             defer_to.found_inf = found_inf
             if zero_if_inf:  # coefficient 1: nothing is written unless found_inf is set
                 ops.scale_pass(grads, self._one, None, None, found_inf, True, backend=self.backend)
+            # taken after the clip's own writes: any later change to the gradients voids the scale
+            setattr(defer_to, _DEFERRED_FOR, _GradientMark(self.params[0 if indices is None else indices[0]]))
         else:
             targets = grads
             if self._flat is not None and coef.dim() == 0 and indices is None and self._flat_intact():
@@ -347,9 +384,21 @@ class FusedClipper:
                              "no value_clip and a strategy that bounds the global norm, not one with passes of its "
                              "own (AGC)")
         if optimizer not in self._hooked_optimizers:
-            # The optimizer reads these attributes in every step: remove them after the step they belong to.
-            optimizer.register_step_post_hook(lambda opt, args, kwargs: drop_deferred_scale(opt))
+            # The optimizer reads these attributes in every step: remove them before a step on other gradients
+            # and after the step they belong to.
+            optimizer.register_step_pre_hook(_drop_stale_deferred_scale)
+            optimizer.register_step_post_hook(_drop_after_step)
             self._hooked_optimizers.add(optimizer)
+
+    # A copy (pickle, deepcopy) has deferred to no optimizer yet; the set of weak references cannot be pickled.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_hooked_optimizers"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._hooked_optimizers = weakref.WeakSet()
 
     def state_dict(self) -> dict:
         return {**self.strategy.state_dict(), "norm_type": self.norm_type}
@@ -363,9 +412,39 @@ class FusedClipper:
 def drop_deferred_scale(optimizer) -> None:
     """Removes what a deferred clip handed to ``optimizer`` (``grad_scale``, ``found_inf``): after the step it
     was for, or when that step never came, so that a later plain ``step()`` does not apply a stale scale."""
-    for name in ("grad_scale", "found_inf"):
+    for name in ("grad_scale", "found_inf", _DEFERRED_FOR):
         if hasattr(optimizer, name):
             delattr(optimizer, name)
+
+
+_DEFERRED_FOR = "_ampclip_deferred_for"  # the optimizer attribute holding the _GradientMark of a deferred clip
+
+
+class _GradientMark:
+    """Which gradients a deferred scale was computed from, checked in O(1): the first gradient's identity and
+    version counter. Another backward (a new tensor, or accumulation into the old one), ``zero_grad`` or any
+    in-place write changes one of them. The gradient is held weakly: a dropped one is new gradients too."""
+
+    __slots__ = ("param", "grad", "version")
+
+    def __init__(self, param: torch.Tensor):
+        self.param, self.grad, self.version = param, weakref.ref(param.grad), param.grad._version
+
+    def holds(self) -> bool:
+        grad = self.param.grad
+        return grad is not None and grad is self.grad() and grad._version == self.version
+
+
+def _drop_stale_deferred_scale(optimizer, args, kwargs) -> None:
+    """Step pre-hook: a deferred clip whose step never came must not scale a step on new gradients."""
+    mark = getattr(optimizer, _DEFERRED_FOR, None)
+    if mark is not None and not mark.holds():
+        drop_deferred_scale(optimizer)
+
+
+def _drop_after_step(optimizer, args, kwargs) -> None:
+    """Step post-hook: the deferred scale was for this step only."""
+    drop_deferred_scale(optimizer)
 
 
 def _checked_override(bound):

@@ -33,6 +33,9 @@ class AMPConfig:
     * ``enable_gradient_monitoring``: per-layer norms, every ``monitoring_interval`` steps to the logger.
     * loss-scaler settings, ``grad_accumulation_steps``, ``nan_recovery_strategy`` ("skip",
       "reduce_scale", "clip" or "rollback").
+    * ``overlap_clip``: measure the gradient norms while backward runs (:mod:`ampclip.overlap`): "auto" on a
+      GPU where it applies (one process, or DDP without a comm hook of its own; not FSDP2, a value clamp or AGC),
+      True (also on a CPU; an error where it does not apply), False (measure after backward).
     """
 
     precision: str = "fp16"
@@ -55,6 +58,7 @@ class AMPConfig:
     grad_accumulation_steps: int = 1
     nan_recovery_strategy: str = "skip"
     defer_clip: Union[bool, str] = "auto"
+    overlap_clip: Union[bool, str] = "auto"
 
     def __post_init__(self):
         if self.precision not in RECOMMENDED_CLIPPING_THRESHOLDS:
@@ -91,6 +95,8 @@ class AMPConfig:
                 f"nan_recovery_strategy must be one of {NAN_STRATEGIES}, got {self.nan_recovery_strategy!r}")
         if self.defer_clip not in (True, False, "auto"):
             raise ValueError(f"defer_clip must be True, False or 'auto', got {self.defer_clip!r}")
+        if self.overlap_clip not in (True, False, "auto"):
+            raise ValueError(f"overlap_clip must be True, False or 'auto', got {self.overlap_clip!r}")
         if self.precision != "fp16" and self.init_scale not in (None, 1.0):
             raise ValueError(f"loss scaling is for fp16; precision {self.precision!r} keeps the scale at 1")
 

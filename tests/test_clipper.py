@@ -1,6 +1,8 @@
 """FusedClipper on every CPU backend (Triton under the interpreter) against fp64 and torch."""
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -149,6 +151,21 @@ def test_stats_to_dict_and_named_norms(backend):
     assert set(stats.named_norms()) == {n for n, _ in named}
 
 
+@pytest.mark.parametrize("mode", ["global", "per_group"])
+def test_stats_to_dict_without_names_keeps_every_per_tensor_norm(mode):
+    # The coefficient has one element in global mode and one per group in per-group mode: neither may bound
+    # how many per-tensor norms the dict keeps.
+    grads = random_grads(SHAPES, (torch.float32,))
+    params, _ = params_with(grads, names=False)
+    groups = [params[:2], params[2:]] if mode == "per_group" else None
+    stats = ampclip.FusedClipper(params, 0.1, mode=mode, groups=groups).clip_()
+    norms = stats.to_dict()["per_tensor_norms"]
+    assert list(norms) == list(range(len(params)))
+    want = [float(v) for v in stats.named_norms().values()]
+    assert list(norms.values()) == want
+    assert all(rel_close(got, reference.exact_norm([g], 2.0), 1e-5) for got, g in zip(want, grads))
+
+
 def test_bitwise_deterministic_across_runs():
     for backend in BACKENDS:
         results = []
@@ -218,6 +235,86 @@ def test_deferred_skips_the_step_on_inf():
     opt.step()
     assert stats.found_inf.item() == 1.0
     assert all(bitwise_equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+
+
+def _model_and_twin(seed=3):
+    """Two identical models with fused SGD (a lost or a stale scale moves SGD's weights by its factor)."""
+    torch.manual_seed(seed)
+    models = [torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    return [(m, torch.optim.SGD(m.parameters(), lr=0.1, fused=True)) for m in models]
+
+
+def _defer(by, model, opt, max_norm=1e-3):
+    if by == "clipper":
+        return None, ampclip.FusedClipper(model.parameters(), max_norm).clip_(torch.tensor(1 / 1024), defer_to=opt)
+    scaler = ampclip.DynamicLossScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))
+    return scaler, scaler.unscale_and_clip_(opt, max_norm=max_norm)
+
+
+@pytest.mark.parametrize("by", ["clipper", "scaler"])
+@pytest.mark.parametrize("renew", ["zero_grad", "zero_grad-keep", "accumulate"])
+def test_a_deferred_scale_whose_step_never_came_does_not_scale_a_step_on_new_gradients(by, renew):
+    # No clip_ and no update() in between: only the step itself can tell that the gradients are new.
+    (model, opt), (twin, opt_twin) = _model_and_twin()
+    x1, x2 = torch.randn(4, 6), torch.randn(4, 6)
+    for m in (model, twin):
+        (m(x1).pow(2).sum() * 1024).backward()
+    _defer(by, model, opt)
+    assert hasattr(opt, "grad_scale")  # deferred, and then its step never comes
+    for m, o in ((model, opt), (twin, opt_twin)):
+        if renew != "accumulate":
+            o.zero_grad(set_to_none=renew == "zero_grad")
+        m(x2).pow(2).sum().backward()
+    opt.step()
+    opt_twin.step()  # a plain step on the same gradients
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    assert all(bitwise_equal(a.detach(), b.detach()) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+@pytest.mark.parametrize("by", ["clipper", "scaler"])
+def test_a_deferred_scale_is_applied_by_its_own_step(by):
+    (model, opt), (twin, opt_twin) = _model_and_twin()
+    x = torch.randn(4, 6)
+    for m in (model, twin):
+        (m(x).pow(2).sum() * 1024).backward()
+    scaler, stats = _defer(by, model, opt)
+    assert stats.clip_coef.item() < 1e-2  # so that a lost clip or unscale would show
+    ampclip.FusedClipper(twin.parameters(), 1e-3).clip_(torch.tensor(1 / 1024))
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
+    opt_twin.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+@pytest.mark.parametrize("name", sorted(ampclip.strategies.STRATEGIES))
+def test_a_copied_clipper_continues_as_the_original(how, name):
+    # A FusedClipper holds parameters and strategy state, as an optimizer does: it copies as one does, also
+    # after it deferred to an optimizer (which a copy has not).
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    clipper = ampclip.FusedClipper(model.named_parameters(), strategy=ampclip.strategies.create(name))
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    for step in range(3):
+        model(torch.randn(4, 6)).pow(2).sum().backward()
+        clipper.clip_(defer_to=opt if clipper.can_defer_to(opt) and step == 0 else None)
+    copy_of = pickle.loads(pickle.dumps(clipper)) if how == "pickle" else copy.deepcopy(clipper)
+    assert not any(a is b for a, b in zip(clipper.params, copy_of.params))
+    for i in range(2):
+        grads = random_grads([tuple(p.shape) for p in clipper.params], scale=3.0, seed=i)
+        for c in (clipper, copy_of):
+            for p, g in zip(c.params, grads):
+                p.grad = g.clone()
+        s1, s2 = clipper.clip_(), copy_of.clip_()
+        assert bitwise_equal(s1.total_norm, s2.total_norm) and bitwise_equal(s1.clip_coef, s2.clip_coef)
+        assert all(bitwise_equal(a.grad, b.grad) for a, b in zip(clipper.params, copy_of.params))
+    assert copy_of.names == clipper.names
 
 
 def test_flatten_rehomes_grads_into_one_buffer():

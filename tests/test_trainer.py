@@ -193,6 +193,36 @@ def _take(it, n):
     return [next(it) for _ in range(n)]
 
 
+def _leave_out_vectors(name, param):  # a module-level predicate: picklable, but a function all the same
+    return param.ndim <= 1
+
+
+@pytest.mark.parametrize("exclude", [lambda name, p: p.ndim <= 1, _leave_out_vectors, ["head.weight"]],
+                         ids=["lambda", "function", "names"])
+def test_a_checkpoint_of_agc_with_exclude_saves_and_loads_weights_only(exclude):
+    import io
+
+    batches = list(_take(random_batches(8, 64, seed=5), 6))
+    options = {"clip_factor": 0.01, "exclude": exclude}
+    one = lm_trainer(precision="fp32", gradient_clip_strategy="agc", gradient_clip_options=options)
+    for b in batches[:3]:
+        one.training_step(b)
+    buffer = io.BytesIO()
+    torch.save(one.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    saved = state["config"]["gradient_clip_options"]["exclude"]
+    assert saved == (["head.weight"] if isinstance(exclude, list) else
+                     f"{exclude.__module__}.{exclude.__qualname__}")
+    two = lm_trainer(precision="fp32", gradient_clip_strategy="agc", gradient_clip_options=options)
+    two.load_state_dict(state)
+    for b in batches[3:]:
+        one.training_step(b)
+        two.training_step(b)
+    for p, q in zip(one.model.parameters(), two.model.parameters()):
+        assert bitwise_equal(p.detach(), q.detach())
+
+
 def test_log_scalar_callback_and_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     logged = []
