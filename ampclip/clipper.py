@@ -317,24 +317,31 @@ class FusedClipper:
         clamp = self.value_clip
         measured = None if self._meter is None or clamp is not None else self._meter.take(indices, grads, inv,
                                                                                              self.norm_type)
-        if measured is None:
-            per_tensor, total, found_inf = ops.norm_pass(grads, inv, self.norm_type, clamp, backend=self.backend)
-        else:  # measured during backward: only the finalize and the scale are left
-            per_tensor, total, found_inf = measured
-        if shards is not None:
-            per_tensor, total, found_inf = shards.reduce(per_tensor, found_inf, self.norm_type)
-        if max_norm is None:
-            bound = self.strategy.bound(StepNorms(total, per_tensor, found_inf, self.backend))
+        known = self._known_bound(max_norm) if measured is None and shards is None else None
+        grad_scale = None
+        if known is not None:  # the bound is known before the norms: one pass measures and finds the coefficient
+            per_tensor, total, found_inf, coef, post, grad_scale = ops.clip_norm_pass(
+                grads, inv, self.norm_type, clamp, known, self.mode, self.eps, self.coef_rule, backend=self.backend)
+            group_coef = group_norms = None
         else:
-            bound = max_norm(total) if callable(max_norm) else max_norm
-            bound = _checked_override(bound)
-        group_index = self._group_index(indices) if self.mode == "per_group" else None
-        coef, group_coef, group_norms, post = ops.clip_finalize(
-            per_tensor, total, bound, self.mode, group_index, self.num_groups, self.norm_type, self.eps,
-            self.coef_rule, backend=self.backend)
+            if measured is None:
+                per_tensor, total, found_inf = ops.norm_pass(grads, inv, self.norm_type, clamp, backend=self.backend)
+            else:  # measured during backward: only the finalize and the scale are left
+                per_tensor, total, found_inf = measured
+            if shards is not None:
+                per_tensor, total, found_inf = shards.reduce(per_tensor, found_inf, self.norm_type)
+            if max_norm is None:
+                bound = self.strategy.bound(StepNorms(total, per_tensor, found_inf, self.backend))
+            else:
+                bound = _checked_override(max_norm(total) if callable(max_norm) else max_norm)
+            group_index = self._group_index(indices) if self.mode == "per_group" else None
+            coef, group_coef, group_norms, post = ops.clip_finalize(
+                per_tensor, total, bound, self.mode, group_index, self.num_groups, self.norm_type, self.eps,
+                self.coef_rule, backend=self.backend)
         zero_if_inf = self.on_nonfinite == "zero"
         if defer_to is not None:
-            defer_to.grad_scale = (coef if inv is None else inv * coef).reciprocal()
+            defer_to.grad_scale = grad_scale if grad_scale is not None else (coef if inv is None else
+                                                                              inv * coef).reciprocal()
             defer_to.found_inf = found_inf
             if zero_if_inf:  # coefficient 1: nothing is written unless found_inf is set
                 ops.scale_pass(grads, self._one, None, None, found_inf, True, backend=self.backend)
@@ -348,6 +355,18 @@ class FusedClipper:
         reported = group_coef if self.mode == "per_group" else coef
         return ClipStats(total, reported, post, found_inf, per_tensor, self._present_names(indices),
                          group_norms if self.mode == "per_group" else None)
+
+    def _known_bound(self, max_norm: BoundOverride) -> Optional[float]:
+        """The step's bound as a number when it is known before the norms (the strategy's fixed bound, or a
+        number given for this call) and the mode computes its coefficient in the norm pass (global or per
+        tensor); else None."""
+        if self.mode == "per_group":
+            return None
+        if max_norm is None:
+            return self.strategy.fixed_bound()
+        if isinstance(max_norm, (int, float)) and not isinstance(max_norm, bool):
+            return ops.check_bound(max_norm, "max_norm")
+        return None
 
     def _clip_by_strategy(self, inv, indices, grads, max_norm) -> ClipStats:
         """The step of a strategy that runs its own passes (``strategy.own_passes``, e.g. AGC)."""

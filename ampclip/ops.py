@@ -76,6 +76,7 @@ import torch
 
 from . import backends
 from .backends import cpp as _cpp
+from .backends import tensor_table
 from .contract import (  # the contract's fixed parts, re-exported: ampclip.ops.EPS and so on
     CLIPPED,
     EPS,
@@ -147,6 +148,7 @@ __all__ = [
     "dispatched",
     "combine_groups",
     "combine_norms",
+    "gathered",
     "grads_of",
     "norm_pass",
     "present_grads",
@@ -280,16 +282,29 @@ def grads_of(parameters) -> list[torch.Tensor]:
 def present_grads(params: Sequence[torch.Tensor]) -> tuple[Optional[list[int]], list[torch.Tensor]]:
     """``(indices, grads)``: the gradients that exist and their parameters' indices (None when every
     parameter has one). Read in C++ when the extension is there: about 50 us instead of 500 for 2000."""
-    found = None if torch.compiler.is_compiling() else _cpp.present_grads(params)  # a C call is not traced
-    if found is not None:
-        grads, indices = found
-        return indices, grads
-    indices, grads = [], []
-    for i, p in enumerate(params):
-        if (g := p.grad) is not None:
-            indices.append(i)
-            grads.append(g)
-    return (None if len(grads) == len(params) else indices), grads
+    return gathered(params)[:2]
+
+
+def gathered(params: Sequence[torch.Tensor]):
+    """``(indices, grads, device, ready)``: :func:`present_grads`, the one device of the gradients (None when
+    they are on several, or there are none) and whether the kernels take every one as it is (dense, float16,
+    bfloat16, float32 or float64, no tensor subclass). One loop over the parameters, in C++ when the extension
+    is there (tens of ns a parameter)."""
+    if not torch.compiler.is_compiling():  # a C call is not traced
+        last = tensor_table.last_table()
+        found = _cpp.present_grads(params, last.signature if last is not None else None)
+        if found is not None:
+            grads, indices, device, ready, matched = found
+            if matched:  # the last table fits them: the passes find it without checking again
+                grads = tensor_table.Checked(grads, last)
+            return indices, grads, device, ready
+    grads = grads_of(params)  # a TypeError for anything that is not a tensor
+    indices = [i for i, p in enumerate(params) if p.grad is not None] if len(grads) != len(params) else None
+    devices = {g.device for g in grads}
+    device = devices.pop() if len(devices) == 1 else None
+    ready = all(type(g) is torch.Tensor and g.layout == torch.strided and not g.is_nested
+                and g.dtype in SUPPORTED_DTYPES for g in grads)
+    return indices, grads, device, ready
 
 
 def by_device(grads: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
@@ -836,9 +851,11 @@ def clip_parameters(parameters: Union[torch.Tensor, Iterable[torch.Tensor]], max
         total = _impl(resolve_backend(backend, device)).clip_params(params, max_norm, norm_type)
         if total is not None:
             return total
-    grads = grads_of(params)
+    _, grads, device, ready = gathered(params)
     if not grads:
         return torch.tensor(0.0)
+    if ready and device is not None and norm_type > 0 and not error_if_nonfinite:
+        return clip_grad_norm(grads, max_norm, norm_type, backend)  # one device, dtypes the kernels take
     if _torch_formula(grads, norm_type):
         total = _torch_total(grads, norm_type)
         if error_if_nonfinite:

@@ -151,6 +151,12 @@ class ClipStrategy:
         """The max norm for this step, from its norms (a number or a 0-d device tensor)."""
         return self.max_norm
 
+    def fixed_bound(self) -> Optional[float]:
+        """The bound when it does not depend on the step's norms (a strategy that keeps :meth:`bound` as it is
+        here: the fixed ``max_norm``), else None. A known bound lets the clipper compute the coefficient inside
+        the norm pass (``ops.clip_norm_pass``): a clip is then two launches on a GPU."""
+        return self.max_norm if type(self).bound is ClipStrategy.bound else None
+
     def clip(self, step: ClipStep) -> StepResult:
         """The whole clip of one step, for a strategy with ``own_passes``: no host sync, gradients untouched
         when found_inf is set unless ``step.zero_if_inf``."""

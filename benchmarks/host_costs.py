@@ -39,14 +39,17 @@ def best_us(fn, calls: int) -> float:
 
 
 @contextlib.contextmanager
-def without(module, name: str):
-    """``module.name`` answers None, as the compiled helper does when the extension is missing."""
-    saved = getattr(module, name)
-    setattr(module, name, lambda *args: None)
+def without(module, *names: str):
+    """``module.<name>`` answers None for each of ``names``, as the compiled helpers do when the extension is
+    missing."""
+    saved = {name: getattr(module, name) for name in names}
+    for name in names:
+        setattr(module, name, lambda *args: None)
     try:
         yield
     finally:
-        setattr(module, name, saved)
+        for name, helper in saved.items():
+            setattr(module, name, helper)
 
 
 def parameters(shapes) -> list[torch.nn.Parameter]:
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
         ("gradients that exist, 2000 parameters (ops.present_grads)",
          lambda: ops.present_grads(small), (cpp, "present_grads")),
         ("cached tensor table, 2000 tensors (tensor_table.tensor_table)",
-         lambda: tensor_table.tensor_table(grads), (tensor_table, "tensor_signature")),
+         lambda: tensor_table.tensor_table(grads), (tensor_table, "tensor_signature", "signature_matches")),
     ]
     print(f"\n{'host time per call, us':<64}{'compiled':>10}{'Python':>10}")
     for label, fn, helper in rows:

@@ -10,8 +10,10 @@
 // TorchDispatchMode): the adapter then calls the registered op, which unwraps the input and comes back here.
 
 #include <ATen/MemoryOverlap.h>
+#include <torch/csrc/Device.h>
 #include <torch/csrc/Exceptions.h>
 
+#include <cstring>
 #include <vector>
 
 #include "cpu/fused_clip_cpu.h"
@@ -359,72 +361,190 @@ PyObject* clip_stats_update(PyObject* /*module*/, PyObject* const* args, Py_ssiz
   END_HANDLE_TH_ERRORS
 }
 
-// present_grads(params: list | tuple) -> (grads, indices | None) | None
+// What a kernel table of these tensors depends on, per tensor: data pointer, element count, dtype, device,
+// sizes and strides (all of them: equal signatures mean equal layouts, never a hash collision). Not the
+// tensor's identity: the new gradients a backward allocates after zero_grad(set_to_none=True) can land at
+// the old addresses, and then the old table fits them. Calls visit(word) for every word in order, up to the
+// first for which it returns false; returns false when an item is not a plain dense tensor (no strides to read)
+// or a visit returned false.
+template <typename Visit>
+bool tensor_words(const at::Tensor& t, Visit& visit) {
+  if (t.is_nested() || t.layout() != at::kStrided || !t.has_storage()) return false;
+  const auto ok =
+      visit(reinterpret_cast<uintptr_t>(t.const_data_ptr())) && visit(static_cast<uint64_t>(t.numel())) &&
+      visit(static_cast<uint64_t>(t.scalar_type()) | (static_cast<uint64_t>(t.device().index() + 1) << 16) |
+            (static_cast<uint64_t>(t.device().type()) << 32) | (static_cast<uint64_t>(t.dim()) << 48));
+  if (!ok) return false;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (!visit(static_cast<uint64_t>(t.sizes()[d])) || !visit(static_cast<uint64_t>(t.strides()[d]))) return false;
+  }
+  return true;
+}
+
+template <typename Visit>
+bool signature_words(PyObject* const* items, Py_ssize_t count, Visit visit) {
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    if (!is_plain(items[i]) || !tensor_words(THPVariable_Unpack(items[i]), visit)) return false;
+  }
+  return true;
+}
+
+// Compares the words it is given with a signature (bytes), one after the other: the visit of signature_words
+// that signature_matches and present_grads use. A miss stays a miss.
+class SignatureCheck {
+ public:
+  explicit SignatureCheck(PyObject* signature)
+      : data_(signature != nullptr && PyBytes_Check(signature)
+                  ? reinterpret_cast<const unsigned char*>(PyBytes_AS_STRING(signature))
+                  : nullptr),
+        size_(data_ != nullptr ? static_cast<size_t>(PyBytes_GET_SIZE(signature)) / sizeof(uint64_t) : 0),
+        same_(data_ != nullptr) {}
+
+  bool operator()(uint64_t w) {
+    if (!same_ || at_ >= size_) return same_ = false;
+    uint64_t want;
+    std::memcpy(&want, data_ + at_++ * sizeof(uint64_t), sizeof(want));
+    return same_ = want == w;
+  }
+
+  // Every word so far compared equal.
+  bool same() const { return same_; }
+  void fail() { same_ = false; }
+  // Every word compared equal, and the signature had no more.
+  bool matched() const { return same_ && at_ == size_; }
+
+ private:
+  const unsigned char* data_;
+  size_t size_;
+  size_t at_ = 0;
+  bool same_;
+};
+
+// present_grads(params: list | tuple, signature: bytes | None)
+//   -> (grads, indices | None, device | None, ready, matched) | None
 //
 // The gradients that exist, in parameter order, and their parameters' indices (None when every parameter
-// has one, the common case). None when a parameter is not a plain Tensor or Parameter.
-PyObject* present_grads(PyObject* /*module*/, PyObject* params) {
+// has one, the common case); the one device they share (None when they are on several, or there are none);
+// whether every one is a gradient the kernels take as it is (plain, dense, float16/bfloat16/float32/float64);
+// and whether the gradients' tensor_signature is `signature` (a table's: then that table fits them, with no
+// second loop to check it). One loop over the parameters instead of four in Python: a step's host cost. None
+// when a parameter is not a plain Tensor or Parameter.
+PyObject* present_grads(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
+  if (!check_nargs(nargs, 2, "present_grads(params, signature)")) return nullptr;
+  PyObject* params = args[0];
+  SignatureCheck check(args[1]);
   if (!PyList_Check(params) && !PyTuple_Check(params)) Py_RETURN_NONE;
   const Py_ssize_t count = PySequence_Fast_GET_SIZE(params);
   PyObject** items = PySequence_Fast_ITEMS(params);
   for (Py_ssize_t i = 0; i < count; ++i) {
     if (!THPVariable_CheckExact(items[i])) Py_RETURN_NONE;
   }
-  pybind11::list grads;
-  pybind11::object indices = pybind11::none();  // a list from the first parameter without a gradient
+  // Plain C API lists, filled in place: this loop runs every step over every parameter.
+  pybind11::object grads = pybind11::reinterpret_steal<pybind11::object>(PyList_New(count));
+  if (!grads) return nullptr;
+  std::vector<Py_ssize_t> missing;  // parameters without a gradient
+  std::optional<c10::Device> device;
+  bool one_device = true;
+  bool ready = true;
+  Py_ssize_t found = 0;
   for (Py_ssize_t i = 0; i < count; ++i) {
     const at::Tensor& grad = THPVariable_Unpack(items[i]).grad();
     if (!grad.defined()) {
-      if (indices.is_none()) {
-        pybind11::list before;
-        for (Py_ssize_t j = 0; j < i; ++j) before.append(j);
-        indices = before;
-      }
+      missing.push_back(i);
       continue;
     }
-    grads.append(pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(grad)));
-    if (!indices.is_none()) indices.cast<pybind11::list>().append(i);
+    PyObject* wrapped = THPVariable_Wrap(grad);
+    if (wrapped == nullptr) return nullptr;
+    PyList_SET_ITEM(grads.ptr(), found++, wrapped);  // steals the new reference
+    if (!device.has_value()) device = grad.device();
+    one_device = one_device && grad.device() == *device;
+    ready = ready && !grad.is_nested() && grad.layout() == at::kStrided && is_float_dtype(grad.scalar_type()) &&
+            !grad.key_set().has(c10::DispatchKey::Python);
+    if (check.same() && !tensor_words(grad, check)) check.fail();  // stops comparing at the first miss
   }
-  return pybind11::make_tuple(grads, indices).release().ptr();
+  pybind11::object indices = pybind11::none();
+  if (!missing.empty()) {
+    // shrink the list to the gradients found (the unset tail is NULL, which PyList_SetSlice accepts), and
+    // list the parameters that have one
+    if (PyList_SetSlice(grads.ptr(), found, count, nullptr) < 0) return nullptr;
+    pybind11::list present;
+    size_t next_missing = 0;
+    for (Py_ssize_t i = 0; i < count; ++i) {
+      if (next_missing < missing.size() && missing[next_missing] == i) {
+        ++next_missing;
+      } else {
+        present.append(i);
+      }
+    }
+    indices = present;
+  }
+  pybind11::object where = pybind11::none();
+  if (device.has_value() && one_device) where = pybind11::reinterpret_steal<pybind11::object>(THPDevice_New(*device));
+  return pybind11::make_tuple(grads, indices, where, ready, ready && check.matched()).release().ptr();
   END_HANDLE_TH_ERRORS
 }
 
 // tensor_signature(tensors: list | tuple) -> (hash: int, signature: bytes) | None
 //
-// What a kernel table of these tensors depends on, per tensor: data pointer, element count, dtype, device,
-// sizes and strides (all of them: equal signatures mean equal layouts, never a hash collision). Not the
-// tensor's identity: the new gradients a backward allocates after zero_grad(set_to_none=True) can land at
-// the old addresses, and then the old table fits them. Comparing two signatures is a memcmp; the 64-bit
-// hash is the dictionary key. None when an item is not a plain tensor.
+// The signature_words packed into bytes, with a 64-bit hash as a dictionary key (comparing two signatures is
+// a memcmp). None when an item is not a plain dense tensor.
 PyObject* tensor_signature(PyObject* /*module*/, PyObject* tensors) {
   HANDLE_TH_ERRORS
   if (!PyList_Check(tensors) && !PyTuple_Check(tensors)) Py_RETURN_NONE;
   const Py_ssize_t count = PySequence_Fast_GET_SIZE(tensors);
-  PyObject** items = PySequence_Fast_ITEMS(tensors);
   constexpr uint64_t kPrime = 0x100000001b3ULL;  // FNV-1a's multiplier, applied per 64-bit word
   std::vector<uint64_t> words;
   words.reserve(static_cast<size_t>(count) * 6);
   uint64_t hash = 0xcbf29ce484222325ULL;
-  const auto push = [&](uint64_t w) {
+  const bool plain = signature_words(PySequence_Fast_ITEMS(tensors), count, [&](uint64_t w) {
     words.push_back(w);
     hash = (hash ^ w) * kPrime;
-  };
-  for (Py_ssize_t i = 0; i < count; ++i) {
-    if (!is_plain(items[i])) Py_RETURN_NONE;
-    const at::Tensor& t = THPVariable_Unpack(items[i]);
-    if (t.is_nested() || t.layout() != at::kStrided || !t.has_storage()) Py_RETURN_NONE;  // no strides to read
-    push(t.has_storage() ? reinterpret_cast<uintptr_t>(t.const_data_ptr()) : 0);
-    push(static_cast<uint64_t>(t.numel()));
-    push(static_cast<uint64_t>(t.scalar_type()) | (static_cast<uint64_t>(t.device().index() + 1) << 16) |
-         (static_cast<uint64_t>(t.device().type()) << 32) | (static_cast<uint64_t>(t.dim()) << 48));
-    for (int64_t d = 0; d < t.dim(); ++d) {
-      push(static_cast<uint64_t>(t.sizes()[d]));
-      push(static_cast<uint64_t>(t.strides()[d]));
-    }
-  }
+    return true;
+  });
+  if (!plain) Py_RETURN_NONE;
   pybind11::bytes packed(reinterpret_cast<const char*>(words.data()), words.size() * sizeof(uint64_t));
   return pybind11::make_tuple(hash, packed).release().ptr();
+  END_HANDLE_TH_ERRORS
+}
+
+// signature_matches(tensors: list | tuple, signature: bytes) -> bool
+//
+// Whether tensor_signature(tensors) would give `signature`, compared word by word as the tensors are read:
+// no allocation, and a miss stops at the first word that differs. What a table cache checks its last table
+// with before it computes a key (the same list is clipped every step: a few ns a tensor).
+PyObject* signature_matches(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (!check_nargs(nargs, 2, "signature_matches(tensors, signature)")) return nullptr;
+  if (!PyList_Check(args[0]) && !PyTuple_Check(args[0])) Py_RETURN_FALSE;
+  SignatureCheck check(args[1]);
+  const bool plain = signature_words(PySequence_Fast_ITEMS(args[0]), PySequence_Fast_GET_SIZE(args[0]),
+                                     [&](uint64_t w) { return check(w); });
+  if (plain && check.matched()) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+  END_HANDLE_TH_ERRORS
+}
+
+// bump_versions(tensors: list | tuple) -> None
+//
+// Bumps the version counter of every tensor (an inference tensor has none), as torch's in-place ops do: for
+// passes that wrote them through raw pointers (the Triton kernels). One loop, a few ns a tensor, where
+// torch.autograd.graph.increment_version converts the list to a vector of tensors first.
+PyObject* bump_versions(PyObject* /*module*/, PyObject* tensors) {
+  HANDLE_TH_ERRORS
+  if (!PyList_Check(tensors) && !PyTuple_Check(tensors)) {
+    return error(Bad::kType, "bump_versions: tensors must be a list or a tuple");
+  }
+  const Py_ssize_t count = PySequence_Fast_GET_SIZE(tensors);
+  PyObject** items = PySequence_Fast_ITEMS(tensors);
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    if (!THPVariable_Check(items[i])) return error(Bad::kType, "bump_versions: an item is not a tensor");
+  }
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    c10::TensorImpl* impl = THPVariable_Unpack(items[i]).unsafeGetTensorImpl();
+    if (!impl->is_inference()) impl->bump_version();
+  }
+  Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
 
@@ -459,10 +579,14 @@ PyMethodDef methods[] = {
     {"clip_finalize", AMPCLIP_FASTCALL(clip_finalize), "The clip coefficient and post-clip norm from the norms."},
     {"scaler_update", AMPCLIP_FASTCALL(scaler_update), "One dynamic loss-scale update and its history entry."},
     {"clip_stats_update", AMPCLIP_FASTCALL(clip_stats_update), "Clipped/skipped counts and per-layer norms."},
-    {"present_grads", present_grads, METH_O,
-     "(gradients that exist, their parameter indices or None when all exist); None for non-plain parameters."},
+    {"present_grads", AMPCLIP_FASTCALL(present_grads),
+     "(gradients that exist, their parameter indices or None when all exist, their one device or None, whether "
+     "the kernels take every one, whether their signature is the one given); None for non-plain parameters."},
     {"tensor_signature", tensor_signature, METH_O,
      "(hash, bytes) of each tensor's data pointer, size, dtype, device, sizes and strides, for table caches."},
+    {"bump_versions", bump_versions, METH_O, "Bumps the version counter of every tensor, as an in-place op does."},
+    {"signature_matches", AMPCLIP_FASTCALL(signature_matches),
+     "Whether tensor_signature(tensors) would give this signature, compared without building it."},
     {"cuda_archs", cuda_archs, METH_NOARGS, "The GPU architectures the CUDA kernels were built for; () without them."},
     {nullptr, nullptr, 0, nullptr},
 };

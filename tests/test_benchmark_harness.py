@@ -167,8 +167,10 @@ def test_gpu_check_stays_within_its_budget_and_bundles(tmp_path):
 def test_host_costs_measures_both_paths_and_leaves_the_helpers_in_place(capsys):
     """benchmarks/host_costs.py (the source of the host-time figures in docs/clipper.md and integrations.md)
     runs, prints every row with two figures, and puts back the compiled helpers it switches off."""
-    helpers = (host_costs.cpp.present_grads, host_costs.tensor_table.tensor_signature)
+    helpers = (host_costs.cpp.present_grads, host_costs.tensor_table.tensor_signature,
+               host_costs.tensor_table.signature_matches)
     assert host_costs.main(["--calls", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if re.search(r"\d\.\d+ +\d+\.\d+$", line)]
     assert [row.split()[0] for row in rows] == ["gradients", "cached", "ampclip", "torch"]
-    assert (host_costs.cpp.present_grads, host_costs.tensor_table.tensor_signature) == helpers
+    assert (host_costs.cpp.present_grads, host_costs.tensor_table.tensor_signature,
+            host_costs.tensor_table.signature_matches) == helpers

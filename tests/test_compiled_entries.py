@@ -217,7 +217,7 @@ def test_the_helpers_answer_none_or_a_result_for_anything(kind):
     is_tensor = isinstance(tensors[1], torch.Tensor)
     dense = is_tensor and tensors[1].layout == torch.strided and not tensors[1].is_nested
     assert (_C.tensor_signature(tensors) is not None) == dense  # no strides to read otherwise
-    assert (_C.present_grads(tensors) is not None) == is_tensor  # reads .grad of any tensor, of nothing else
+    assert (_C.present_grads(tensors, None) is not None) == is_tensor  # reads .grad of any tensor, of nothing else
 
 
 def test_results_are_owned_once():

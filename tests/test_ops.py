@@ -199,11 +199,9 @@ def test_a_step_dispatches_a_handful_of_device_ops_whatever_the_tensor_count(ten
     clipper_ops = _count(clipper.clip_)
     print(f"\n{tensors} tensors: unscale_and_clip_ + update {len(scaler_ops)} ops {scaler_ops}; "
           f"GradientClipper.clip_ {len(clipper_ops)} ops {clipper_ops}")
-    assert len(scaler_ops) <= 10, scaler_ops
-    assert len(clipper_ops) <= 8, clipper_ops
-    assert scaler_ops.count("ampclip.norm_pass.default") == 1 and "ampclip.scaler_update.default" in scaler_ops
-    # The counts docs/architecture.md and the README quote: 4, and 5 with the CPU's free read of inv_scale.
-    passes = ["ampclip.norm_pass.default", "ampclip.clip_finalize.default", "ampclip.scale_pass.default"]
+    # The counts docs/architecture.md and the README quote: the clip's two passes (the norm pass computes the
+    # coefficient), then the statistics or the scale update: 3, and 4 with the CPU's free read of inv_scale.
+    passes = ["ampclip.clip_norm_pass.default", "ampclip.scale_pass.default"]
     assert clipper_ops == [*passes, "ampclip.clip_stats_update.default"]
     assert scaler_ops == ["aten._local_scalar_dense.default", *passes, "ampclip.scaler_update.default"]
 

@@ -86,16 +86,34 @@ def describe() -> str:
     return f"loaded from {_extension_loader.loaded_from('ampclip._C')}" if _C is not None else f"not loaded: {ERROR}"
 
 
-def present_grads(params):
-    """``(gradients that exist, their parameter indices or None when all exist)``, read in C++; None
+def present_grads(params, signature=None):
+    """``(gradients that exist, their parameter indices or None when all exist, their one device or None, whether
+    the kernels take every one, whether their tensor_signature is ``signature``)``, read in one C++ loop; None
     without the extension or when a parameter is not a plain Tensor or Parameter."""
-    return None if _C is None else _C.present_grads(params)
+    return None if _C is None else _C.present_grads(params, signature)
 
 
 def tensor_signature(tensors):
     """``(hash, bytes)`` that change when any tensor's data pointer, size, dtype, device, sizes or strides do
     (not its identity); None without the extension or for tensor subclasses."""
     return None if _C is None else _C.tensor_signature(tensors)
+
+
+def bump_versions(tensors) -> None:
+    """Bumps the version counter of every tensor, as torch's in-place ops do (for a pass that wrote them through
+    raw pointers): in one C++ loop, or torch's ``increment_version`` without the extension."""
+    if _C is None:
+        from torch.autograd.graph import increment_version
+
+        increment_version(tensors)
+    else:
+        _C.bump_versions(tensors)
+
+
+def signature_matches(tensors, signature) -> bool:
+    """Whether :func:`tensor_signature` of ``tensors`` would give ``signature`` (bytes), compared in place; False
+    without the extension."""
+    return _C is not None and _C.signature_matches(tensors, signature)
 
 
 def cuda_archs() -> tuple:

@@ -58,7 +58,7 @@ from typing import Optional
 import torch
 
 from ..contract import check_grads
-from .cpp import tensor_signature
+from .cpp import signature_matches, tensor_signature
 
 CHUNK = 32768  # elements per program: 64 KiB of fp16, 32 iterations of a 1024-wide block, enough to hide
 # a program's start-up; GPT-2 1.5B (1.56e9 elements) is ~48K programs, plenty for 132 SMs.
@@ -147,6 +147,7 @@ class TensorTable:
     def _drop(self, _ref) -> None:
         if _cache.get(self.key) is self:
             del _cache[self.key]
+        _forget(self)
 
     def stage_in(self, grads: list[torch.Tensor]) -> None:
         """Copies every non-contiguous gradient into its staging buffer (a no-op in the common case)."""
@@ -185,6 +186,11 @@ def _share_memory(grads: list[torch.Tensor]) -> bool:
 
 
 _cache: "OrderedDict[tuple, TensorTable]" = OrderedDict()
+# The few tables found last, newest first (with a compiled signature): a training loop clips the same list every
+# step, and the norm and scale passes of one clip look the same list up twice. Each is checked in place
+# (signature_matches: no allocation, a few ns a tensor) before the key of the dictionary is computed.
+RECENT = 4
+_recent: list[TensorTable] = []
 # Tables looked up while a CUDA graph was being captured: the graph reads their device buffers at every
 # replay, so neither the cache's eviction nor a tensor's death may free them.
 _captured: dict[tuple, TensorTable] = {}
@@ -203,6 +209,11 @@ def tensor_table(grads: list[torch.Tensor], chunk: int = CHUNK) -> TensorTable:
         table = tensor_table([p.grad for p in model.parameters()])
         table.num_chunks  # programs per launch
     """
+    if type(grads) is Checked and grads.table is not None and grads.table.chunk == chunk:
+        return _found(grads.table, grads)  # checked against this table as it was gathered
+    for table in _recent:  # the list of the last clips: checked in place, before a key is computed
+        if table.num_tensors == len(grads) and table.chunk == chunk and signature_matches(grads, table.signature):
+            return _found(table, grads)
     compiled = tensor_signature(grads)
     if compiled is not None:
         digest, signature = compiled
@@ -215,18 +226,72 @@ def tensor_table(grads: list[torch.Tensor], chunk: int = CHUNK) -> TensorTable:
         signature = (tuple(map(id, grads)), tuple(map(_data_ptr, grads)))
     table: Optional[TensorTable] = _cache.get(key)
     if table is not None and table.signature == signature:
-        _cache.move_to_end(key)
-        if _capturing(grads):
-            _captured[key] = table  # every replay of the graph reads this table: never free it
-        return table
+        return _found(table, grads)
     table = TensorTable(key, signature, grads, chunk, watch_lifetimes=compiled is None)
     global _builds
     _builds += 1
+    if key in _cache:
+        _forget(_cache[key])
     _cache[key] = table
-    _cache.move_to_end(key)
     while len(_cache) > CACHE_SIZE:
-        _cache.popitem(last=False)
+        _forget(_cache.popitem(last=False)[1])
+    return _found(table, grads)
+
+
+class Checked(list):
+    """Gradients whose layout was compared with ``table``'s, in the loop that gathered them (``ops.gathered``):
+    the passes of one clip then find that table without a loop of their own. Made by ops for those passes and
+    never handed back to the caller; a change to the list forgets the table (a change to a tensor's data pointer
+    or shape between the gathering and the passes would not be seen: nothing between them makes one)."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, grads, table: Optional[TensorTable]):
+        super().__init__(grads)
+        self.table = table
+
+    def _forget(method):  # noqa: N805 (a decorator of the class body)
+        def changed(self, *args, **kwargs):
+            self.table = None
+            return method(self, *args, **kwargs)
+
+        return changed
+
+    __setitem__ = _forget(list.__setitem__)
+    __delitem__ = _forget(list.__delitem__)
+    __iadd__ = _forget(list.__iadd__)
+    __imul__ = _forget(list.__imul__)
+    append = _forget(list.append)
+    extend = _forget(list.extend)
+    insert = _forget(list.insert)
+    pop = _forget(list.pop)
+    remove = _forget(list.remove)
+    clear = _forget(list.clear)
+    sort = _forget(list.sort)
+    reverse = _forget(list.reverse)
+    del _forget
+
+
+def last_table() -> Optional[TensorTable]:
+    """The table found last, whose layout a gathering of gradients may be compared with (``Checked``)."""
+    return _recent[0] if _recent else None
+
+
+def _found(table: TensorTable, grads: list[torch.Tensor]) -> TensorTable:
+    """``table``, the one of ``grads``, marked most recently used."""
+    _cache.move_to_end(table.key)
+    if isinstance(table.signature, bytes) and (not _recent or _recent[0] is not table):
+        _forget(table)
+        _recent.insert(0, table)
+        del _recent[RECENT:]
+    if _capturing(grads):
+        _captured[table.key] = table  # every replay of the graph reads this table: never free it
     return table
+
+
+def _forget(table: TensorTable) -> None:
+    if table in _recent:
+        _recent.remove(table)
 
 
 def writable_table(grads: list[torch.Tensor]) -> TensorTable:
@@ -256,6 +321,7 @@ def clear_cache() -> None:
     """Forgets every cached table (needed only after changing a live gradient's size, dtype or strides in
     place without moving its data). Tables that a captured CUDA graph reads stay alive."""
     _cache.clear()
+    _recent.clear()
 
 
 def cache_info() -> dict:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 
-from torch.autograd.graph import increment_version
-
 from . import Backend, Unavailable
+from .cpp import bump_versions
 from .tensor_table import table_to_write, tensor_table, writable_table
 from .unit_layout import unit_layout
 
@@ -56,7 +55,7 @@ class TritonBackend(Backend):
         table.stage_in(grads)
         self._k.fused_scale_triton(table, coef, inv_scale, clamp, found_inf, zero_if_inf)
         table.stage_out(grads)
-        increment_version(grads)  # written through raw pointers: tell autograd, as torch's in-place ops do
+        bump_versions(grads)  # written through raw pointers: tell autograd, as torch's in-place ops do
 
     def clip_finalize(self, per_tensor, total, max_norm, mode, group_index, num_groups, norm_type, eps, rule):
         return self._k.clip_finalize_triton(per_tensor, total, max_norm, mode, group_index, num_groups, norm_type,
@@ -88,7 +87,7 @@ class TritonBackend(Backend):
         table.stage_in(grads)
         self._k.unit_scale_triton(table, layout, coef, inv_scale, found_inf, zero_if_inf)
         table.stage_out(grads)
-        increment_version(grads)
+        bump_versions(grads)
 
     def unit_clip_finalize(self, param_norms, grad_norms, clip_factor, eps, norm_type):
         return self._k.unit_clip_finalize_triton(param_norms, grad_norms, clip_factor, eps, norm_type)
