@@ -28,7 +28,7 @@ TEST_DEPS := "pytest>=8" numpy hypothesis pytest-benchmark tensorboard \
 TEST_IMPORTS := pytest, numpy, hypothesis, pytest_benchmark, tensorboard, transformers, accelerate, lightning
 TORCH_PIN = $$($(PY) -c "import importlib.metadata as m; print('torch==' + m.version('torch'))")
 
-.PHONY: setup demo test test-gpu cuda-check bench env clean
+.PHONY: setup demo test test-gpu cuda-check bench bench-host env clean
 
 setup: $(VENV)/.built $(VENV)/.test-deps
 
@@ -126,6 +126,13 @@ bench: setup
 			|| exit 1; \
 	done
 	$(PY) -m benchmarks.report $(BENCH_OUT)/run-*.json --out $(BENCH_OUT) --docs docs/benchmarks.md
+
+# The host path of a clip (benchmarks/test_host_path.py): the cost per gradient of FusedClipper.clip_, the drop-in
+# and a scaler step beside [p.grad for p in params]; on a CPU with the Triton launches replaced by no-ops.
+bench-host: setup
+	mkdir -p $(BENCH_OUT)
+	TRITON_INTERPRET=1 $(PY) -m pytest benchmarks/test_host_path.py -p no:cacheprovider -q -s \
+		--benchmark-json=$(BENCH_OUT)/host-path.json | tee $(BENCH_OUT)/host-path.txt
 
 env: $(VENV)/.built
 	$(PY) -m ampclip env

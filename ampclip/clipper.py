@@ -49,6 +49,8 @@ class ClipStats:
     * ``per_tensor_norms``: one pre-clip norm per gradient that existed, in parameter order.
     * ``names``: the parameter names of those gradients, when names were given.
     * ``group_norms``: per-group pre-clip norms in per-group mode.
+    * ``clamped``: 0-d float32, 1.0 when a value clamp moved an element (measured by ``GradientClipper`` with a
+      value clamp; None otherwise).
     """
 
     total_norm: torch.Tensor
@@ -58,6 +60,7 @@ class ClipStats:
     per_tensor_norms: torch.Tensor
     names: Optional[list[str]] = None
     group_norms: Optional[torch.Tensor] = None
+    clamped: Optional[torch.Tensor] = None
 
     def named_norms(self) -> dict[str, torch.Tensor]:
         """``{name: norm}`` (0-d device tensors); parameters are numbered when no names were given."""

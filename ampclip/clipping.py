@@ -9,11 +9,12 @@ clipped and skipped steps and per-layer norms, updated by one device op per step
 from __future__ import annotations
 
 import enum
+import math
 from typing import Optional
 
 import torch
 
-from . import ops, strategies
+from . import distributed, ops, strategies
 from .clipper import ClipStats, FusedClipper
 from .strategies import RECOMMENDED_CLIPPING_THRESHOLDS, get_recommended_threshold
 
@@ -133,16 +134,43 @@ class GradientClipper:
     def clip_(self, inv_scale=None, defer_to=None) -> ClipStats:
         """Unscale (optional), check and clip by the strategy; returns :class:`ClipStats` (device tensors).
         Four device ops in all: norm pass, coefficient, scale pass, statistics."""
+        clamped = self._clamped(inv_scale)  # before the clip rewrites the gradients
         stats = self.fused.clip_(inv_scale, defer_to=defer_to)
         self.steps += 1
         all_present = len(stats.per_tensor_norms) == self._layers.shape[1]
         layers = self._layers if self.enable_monitoring and all_present else None
-        ops.clip_stats_update(self._counters, layers, stats.per_tensor_norms, stats.clip_coef, stats.found_inf,
+        coef = stats.clip_coef
+        if clamped is not None:  # a clamp is a clip too: counted as a coefficient below 1
+            stats.clamped = clamped
+            coef = torch.minimum(coef.reshape(-1), 1.0 - clamped.to(coef.dtype))
+        ops.clip_stats_update(self._counters, layers, stats.per_tensor_norms, coef, stats.found_inf,
                               backend=self.fused.backend)
         self.last_stats = stats
         return stats
 
     clip = clip_  # the seed name
+
+    def _clamped(self, inv_scale) -> Optional[torch.Tensor]:
+        """1.0 (a 0-d float32 device tensor) when the value clamp will move an element of the unscaled gradients,
+        or None without a clamp: the largest |u| (and, for a (lo, hi) pair, the largest and smallest u) measured
+        before the clip, one more read of the gradients (two for a pair). An interval that excludes 0 counts
+        every step with gradients. Sharded gradients (DTensor) are not measured: None."""
+        clamp = self.fused.value_clip
+        if clamp is None:
+            return None
+        grads = ops.present_grads(self.fused.params)[1]
+        if not grads or distributed.sharded(grads) is not None:
+            return None
+        inv = self.fused._inv_scale(inv_scale)
+        lo, hi = clamp
+        backend = self.fused.backend
+        if lo == -hi:
+            beyond = ops.norm_pass(grads, inv, math.inf, backend=backend)[1] > hi
+        else:
+            top = ops.norm_pass(grads, inv, math.inf, (0.0, math.inf), backend=backend)[1]  # max(max u, 0)
+            bottom = ops.norm_pass(grads, inv, math.inf, (-math.inf, 0.0), backend=backend)[1]  # max(max -u, 0)
+            beyond = (top > hi) | (-bottom < lo)
+        return beyond.to(torch.float32)
 
     def get_statistics(self) -> dict:
         """Steps, clipped and skipped counts, and per-layer norms (last, mean, max). One host sync."""

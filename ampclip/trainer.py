@@ -193,6 +193,7 @@ class AMPTrainer:
             "found_inf": stats.found_inf,
             "loss_scale": self.scaler.loss_scale.clone(),
             "loss": loss.float(),
+            "clamped": stats.clamped if stats.clamped is not None else stats.found_inf.new_zeros(()),
         }
         self._log(stats)
         self.global_step += 1
@@ -217,14 +218,16 @@ class AMPTrainer:
     @property
     def last_clipping_stats(self) -> Optional[dict]:
         """The last optimizer step's ``pre_clip_norm``, ``post_clip_norm``, ``clip_coef``, ``found_inf``,
-        ``loss_scale`` and ``loss`` as floats (one host sync), or None before the first step."""
+        ``loss_scale`` and ``loss`` as floats (one host sync), and ``clipped`` (a coefficient below 1, or a value
+        clamp that moved an element, on a step that was not skipped), or None before the first step."""
         if self._last is None:
             return None
         names = list(self._last)
         values = torch.stack([v.detach().float().reshape(()) for v in self._last.values()]).tolist()
         out = dict(zip(names, values))
         out["found_inf"] = bool(out["found_inf"])
-        out["clipped"] = self.clipping_enabled and out["clip_coef"] < 1.0 and not out["found_inf"]
+        clamped = bool(out.pop("clamped"))  # a value clamp moved an element: clipped too
+        out["clipped"] = self.clipping_enabled and (out["clip_coef"] < 1.0 or clamped) and not out["found_inf"]
         return out
 
     def get_gradient_summary(self) -> dict:

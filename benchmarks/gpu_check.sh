@@ -92,8 +92,14 @@ if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
         providers="$providers ampclip_cuda clipper_cuda"
     fi
     fast="--rounds 30 --sets 2 --providers $providers"
-    step bench-fp32 120 "$PY" -m pytest benchmarks -p no:cacheprovider -q $fast \
+    step bench-fp32 120 "$PY" -m pytest benchmarks/test_clip.py benchmarks/test_step.py -p no:cacheprovider -q $fast \
         --workloads gpt2-1.5b 2000x512 10000x4 --dtypes fp32 --benchmark-json "$LOGS/bench-fp32.json"
+    # The host path per call on both GPU backends (what decides the default on CUDA), and the exposed clip time
+    # of a step with and without overlap on GPT-2 124M and 355M.
+    step bench-host 60 "$PY" -m pytest benchmarks/test_host_path.py -p no:cacheprovider -q -s \
+        --benchmark-json "$LOGS/bench-host.json"
+    step bench-overlap 90 "$PY" -m pytest benchmarks/test_step_overlap.py -p no:cacheprovider -q --rounds 10 \
+        --benchmark-json "$LOGS/bench-overlap.json"
     step bench-llama-bf16 60 "$PY" -m pytest benchmarks/test_clip.py -p no:cacheprovider -q $fast \
         --workloads llama-7b --dtypes bf16 --benchmark-json "$LOGS/bench-llama-bf16.json"
     step bench-report 30 "$PY" -m benchmarks.report "$LOGS"/bench-*.json --out "$LOGS"

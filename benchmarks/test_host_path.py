@@ -1,10 +1,11 @@
 """The host path of a clip on the GPU backends: what a call costs the host besides its launches, per gradient.
 
 A small model's step is bound by the host, not the device: every call must look at each parameter's ``.grad``
-(``zero_grad(set_to_none=True)`` reallocates them), find the kernels' table and launch. Here the Triton backend
-runs with its launches replaced by no-ops (on a CPU under ``TRITON_INTERPRET=1``; on a GPU the same calls with
-the launches real), at 20, 2000 and 10000 tiny gradients, for ``FusedClipper.clip_``, the drop-in
-``clip_grad_norm_`` (given a list) and a scaler step (``unscale_and_clip_`` + ``update``).
+(``zero_grad(set_to_none=True)`` reallocates them), find the kernels' table and launch. Here the GPU backends
+run at 20, 2000 and 10000 tiny gradients, for ``FusedClipper.clip_``, the drop-in ``clip_grad_norm_`` (given a
+list) and a scaler step (``unscale_and_clip_`` + ``update``): on a CPU the Triton backend under
+``TRITON_INTERPRET=1`` with its launches replaced by no-ops; on a GPU the Triton and CUDA C++ backends with their
+launches real, the time being the host's until the call returns (what decides the default backend there).
 
 What is compared is the marginal cost per gradient, the slope from 2000 to 10000 gradients, against a unit
 taken in the same run: ``[p.grad for p in params]`` over the same parameters (about 50-60 ns a gradient on the
@@ -43,15 +44,22 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def calls(n: int) -> dict:
-    """The timed calls on ``n`` parameters of ELEMENTS elements, on the Triton backend."""
+def backends() -> list[str]:
+    """The GPU backends that run here: Triton (on a CPU under its interpreter), and CUDA C++ where built."""
+    from ampclip import ops
+
+    return [name for name in ("triton", "cuda") if ops.runs_on(name, _device())]
+
+
+def calls(n: int, backend: str = "triton") -> dict:
+    """The timed calls on ``n`` parameters of ELEMENTS elements, on ``backend``."""
     device = _device()
     params = [torch.nn.Parameter(torch.randn(ELEMENTS, device=device)) for _ in range(n)]
     for p in params:
         p.grad = torch.randn(ELEMENTS, device=device)
-    clipper = ampclip.FusedClipper(params, max_norm=1.0, backend="triton")
+    clipper = ampclip.FusedClipper(params, max_norm=1.0, backend=backend)
     inv = torch.tensor(0.5, device=device)
-    scaler = ampclip.DynamicLossScaler(device, backend="triton")
+    scaler = ampclip.DynamicLossScaler(device, backend=backend)
     optimizer = torch.optim.SGD(params, lr=0.0)
     loss = torch.ones((), device=device)
 
@@ -61,7 +69,7 @@ def calls(n: int) -> dict:
         scaler.update()
 
     return {"unit": lambda: [p.grad for p in params], "clipper": lambda: clipper.clip_(inv),
-            "dropin": lambda: ampclip.clip_grad_norm_(params, 1.0, backend="triton"), "scaler": scaler_step}
+            "dropin": lambda: ampclip.clip_grad_norm_(params, 1.0, backend=backend), "scaler": scaler_step}
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +97,9 @@ def least_us(fn, repeats: int) -> float:
     return best * 1e6
 
 
-def measure(repeats: int = 30, rounds: int = 3) -> dict:
+def measure(backend: str, repeats: int = 30, rounds: int = 3) -> dict:
     """``{call: {n: microseconds}}``, each the least over ``rounds`` interleaved rounds of ``repeats`` calls."""
-    prepared = {n: calls(n) for n in SIZES}
+    prepared = {n: calls(n, backend) for n in SIZES}
     for fns in prepared.values():  # tables, caches and the optimizer's state built
         for fn in fns.values():
             fn(), fn()
@@ -108,25 +116,26 @@ def slopes(times: dict) -> dict:
     return {name: (t[10000] - t[2000]) / 8000 * 1e3 for name, t in times.items()}
 
 
-@pytest.fixture(scope="module")
-def measured(no_launches):
-    times = measure()
+@pytest.fixture(scope="module", params=backends())
+def measured(request, no_launches):
+    times = measure(request.param)
     per_gradient = slopes(times)
     unit = per_gradient["unit"]
-    print(f"\nhost path per call, launches {'real' if torch.cuda.is_available() else 'replaced by no-ops'} (us):")
+    print(f"\nhost path per call on {request.param}, launches "
+          f"{'real' if torch.cuda.is_available() else 'replaced by no-ops'} (us):")
     for name, t in times.items():
         print(f"  {name:<8}" + "".join(f"{t[n]:>10.1f}" for n in SIZES) +
               f"   {per_gradient[name]:6.1f} ns/gradient = {per_gradient[name] / unit:4.2f} units" +
               (f" (budget {BUDGET[name]})" if BUDGET.get(name) else ""))
-    return times, per_gradient
+    return request.param, times, per_gradient
 
 
 @pytest.mark.parametrize("call", CALLS)
 def test_host_path(benchmark, measured, call):
-    times, per_gradient = measured
+    backend, times, per_gradient = measured
     ratio = per_gradient[call] / per_gradient["unit"]
-    benchmark.extra_info.update(call=call, us_per_call={str(n): times[call][n] for n in SIZES},
+    benchmark.extra_info.update(call=call, backend=backend, us_per_call={str(n): times[call][n] for n in SIZES},
                                 ns_per_gradient=per_gradient[call], unit_ns_per_gradient=per_gradient["unit"],
                                 units=ratio, budget_units=BUDGET[call])
     benchmark.extra_info["within_budget"] = None if BUDGET[call] is None else ratio <= BUDGET[call]
-    benchmark.pedantic(calls(2000)[call], rounds=5, warmup_rounds=2)
+    benchmark.pedantic(calls(2000, backend)[call], rounds=5, warmup_rounds=2)

@@ -48,6 +48,14 @@ def random_grads(shapes, dtypes=(torch.float32,), scale=1.0, noncontiguous_every
     return grads
 
 
+def params_with(grads):
+    """Parameters whose ``.grad`` are clones of ``grads``."""
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    return params
+
+
 def clone_all(tensors):
     return [t.clone() for t in tensors]
 

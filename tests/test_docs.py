@@ -3,8 +3,8 @@
 A page's blocks run in order in one namespace, as a reader reads the page: a later block may use what an earlier
 one defined (the model, the optimizer, the batch). Each page starts from a fresh namespace and an empty working
 directory, and every block from seed 0; what a block changes in the process (torch patched, a strategy
-registered) is undone after it. Two HTML comments, invisible on the rendered page, mark the few blocks that cannot run here,
-on the line right before the block:
+registered) is undone after it. Two HTML comments, invisible on the rendered page, mark the few blocks that
+cannot run here, on the line right before the block:
 
 * ``<!-- gpu: why -->``: needs CUDA; marked ``gpu``, so skipped without CUDA and run by the GPU suite;
 * ``<!-- no-run: why -->``: not meant to run in one process (a torchrun script, a signature); always skipped.
@@ -147,7 +147,8 @@ def test_parse_refuses_what_would_escape_the_test(tmp_path):
         page.write_text(text)
         with pytest.raises(ValueError, match=message):
             parse(page, tmp_path)
-    page.write_text("intro\n\n<!-- gpu: cuda graphs -->\n```python\nx = 1\n```\n\n```bash\nls\n```\n```python\ny = 2\n```\n")
+    page.write_text("intro\n\n<!-- gpu: cuda graphs -->\n```python\nx = 1\n```\n\n"
+                    "```bash\nls\n```\n```python\ny = 2\n```\n")
     blocks = parse(page, tmp_path)
     assert [(b.line, b.mark, b.reason, b.code) for b in blocks] == [
         (4, "gpu", "cuda graphs", "x = 1\n"), (11, None, "", "y = 2\n")]

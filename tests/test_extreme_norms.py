@@ -14,7 +14,7 @@ import torch
 
 import ampclip
 from ampclip import ops, reference
-from helpers import CPU_BACKENDS, bitwise_equal, rel_close
+from helpers import CPU_BACKENDS, bitwise_equal, params_with, rel_close
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 
@@ -23,20 +23,13 @@ def huge(dtype):
     return [torch.tensor([3e38, 3e38], dtype=dtype), torch.tensor([1.0, -2.0], dtype=dtype)]
 
 
-def params_of(grads):
-    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
-    return params
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_norm_past_float32s_range_is_inf_and_clips_as_torch(backend, dtype):
     per_tensor, total, found_inf = ops.norm_pass(huge(dtype), None, 2.0, backend=backend)
     assert math.isinf(total.item()) and math.isinf(per_tensor[0].item()) and found_inf.item() == 0.0
     assert rel_close(per_tensor[1].item(), math.sqrt(5.0), 1e-6)  # the other norms stay right
-    mine, theirs = params_of(huge(dtype)), params_of(huge(dtype))
+    mine, theirs = params_with(huge(dtype)), params_with(huge(dtype))
     total = ampclip.clip_grad_norm_(mine, 1.0, backend=backend)
     want = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
     assert math.isinf(total.item()) and math.isinf(want.item())
@@ -48,11 +41,11 @@ def test_a_norm_past_float32s_range_is_inf_and_clips_as_torch(backend, dtype):
 def test_every_caller_reports_an_inf_norm_instead_of_raising(backend):
     grads = huge(torch.float32)
     assert math.isinf(ampclip.get_total_norm(grads, backend=backend).item())
-    stats = ampclip.FusedClipper(params_of(huge(torch.float32)), max_norm=1.0, backend=backend).clip_()
+    stats = ampclip.FusedClipper(params_with(huge(torch.float32)), max_norm=1.0, backend=backend).clip_()
     assert math.isinf(stats.total_norm.item()) and stats.found_inf.item() == 0.0
-    clipper = ampclip.GradientClipper(params_of(huge(torch.float32)), "norm", max_norm=1.0, backend=backend)
+    clipper = ampclip.GradientClipper(params_with(huge(torch.float32)), "norm", max_norm=1.0, backend=backend)
     assert math.isinf(clipper.clip_().total_norm.item())
-    zclip = ampclip.ZClip(params_of(huge(torch.float32)), warmup_steps=2, backend=backend)
+    zclip = ampclip.ZClip(params_with(huge(torch.float32)), warmup_steps=2, backend=backend)
     assert math.isinf(zclip.clip_().total_norm.item())
     params = [torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))]
     params[0].grad, params[1].grad = torch.full((2, 2), 3e38), torch.ones(2)
@@ -86,7 +79,7 @@ def test_norms_whose_squares_underflow_float32_are_right(backend, dtype, scale):
                                                                             reference.exact_norm(grads, 2.0))
     for got, g in zip(per_tensor.tolist(), grads):
         assert rel_close(got, reference.exact_norm([g], 2.0), 1e-5) or got == reference.exact_norm([g], 2.0) == 0
-    params = params_of(grads)
+    params = params_with(grads)
     exact = reference.exact_norm(grads, 2.0)
     ampclip.clip_grad_norm_(params, scale, backend=backend)  # torch's eps (1e-6) dominates the coefficient here
     want = exact * scale / (exact + ops.EPS)

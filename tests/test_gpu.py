@@ -156,3 +156,77 @@ def test_training_loop_with_set_to_none_keeps_its_table():
         optimizer.step()
         builds.append(tk.cache_info()["builds"])
     print(f"table builds after each of 6 steps with set_to_none=True: {builds}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_a_forced_backend_clips_cuda_gradients(monkeypatch, backend, how):
+    if not ampclip.ops.runs_on(backend, "cuda"):
+        pytest.skip(f"{backend} cannot run on CUDA here")
+    grads = cuda_grads([(512, 3), (77,)], (torch.float32, torch.bfloat16))
+    params, twin = params_for(grads), params_for(grads)
+    if how == "environment":
+        monkeypatch.setenv(ampclip.ops.ENV_BACKEND, backend)
+        total = ampclip.clip_grad_norm_(params, 0.25)
+    else:
+        total = ampclip.clip_grad_norm_(params, 0.25, backend=backend)
+    want = torch.nn.utils.clip_grad_norm_(twin, 0.25)
+    assert rel_close(total.item(), want.item(), 1e-5)
+
+
+def test_the_drop_in_clip_replays_in_a_cuda_graph():
+    grads = cuda_grads([(1000,), (37, 3), (4097,)], (torch.float32, torch.bfloat16))
+    params = params_for(grads)
+    ampclip.clip_grad_norm_(params, 0.5)  # warm-up: compiles kernels, builds the table outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        total = ampclip.clip_grad_norm_(params, 0.5)
+    for seed in (1, 2):
+        fresh = cuda_grads([(1000,), (37, 3), (4097,)], (torch.float32, torch.bfloat16), seed=seed, scale=8.0)
+        for p, g in zip(params, fresh):
+            p.grad.copy_(g)
+        graph.replay()
+        exact = reference.exact_norm(fresh, 2.0)
+        assert rel_close(total.item(), exact, 1e-5)
+        assert rel_close(reference.exact_norm([p.grad for p in params], 2.0), min(exact, 0.5), 3e-3)
+
+
+def test_a_training_step_with_the_drop_in_compiles_in_reduce_overhead_mode():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).cuda()
+    twin = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).cuda()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(32, 64, device="cuda")
+
+    def step(m):
+        loss = m(x).pow(2).mean()
+        loss.backward()
+        return ampclip.clip_grad_norm_(m.parameters(), 0.1)
+
+    compiled = torch.compile(step, mode="reduce-overhead")
+    for _ in range(3):  # warm-up runs, then the CUDA graph's replays
+        model.zero_grad(set_to_none=False)
+        twin.zero_grad(set_to_none=False)
+        total = compiled(model)
+        want = step(twin)
+        assert rel_close(total.item(), want.item(), 1e-5)
+        for a, b in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode, launches", [("global", 2), ("per_tensor", 2), ("per_group", 3)])
+def test_a_clip_launches_two_kernels_on_triton(mode, launches):
+    from torch.profiler import ProfilerActivity, profile
+
+    grads = cuda_grads([(64,)] * 300, (torch.float32,))
+    params = params_for(grads)
+    groups = [params[::2], params[1::2]] if mode == "per_group" else None
+    clipper = ampclip.FusedClipper(params, max_norm=1.0, mode=mode, groups=groups, backend="triton")
+    clipper.clip_()  # warm-up: kernels compiled, table built
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        clipper.clip_()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == launches, kernels

@@ -32,13 +32,13 @@ def steady(fn):
     return launches
 
 
-@pytest.mark.parametrize("tensors", [3, 300])
+@pytest.mark.parametrize("tensors", [3, 64])
 def test_the_drop_in_clip_is_two_launches(tensors):
     params = model(tensors)
     assert steady(lambda: ampclip.clip_grad_norm_(params, 1.0, backend="triton")) == [NORM, SCALE]
 
 
-@pytest.mark.parametrize("tensors", [3, 300])
+@pytest.mark.parametrize("tensors", [3, 64])
 @pytest.mark.parametrize("mode, want", [("global", [NORM, SCALE]), ("per_tensor", [NORM, SCALE]),
                                         ("per_group", [NORM, "triton._clip_finalize_kernel", SCALE])])
 def test_a_clip_is_two_launches_three_per_group(tensors, mode, want):

@@ -9,7 +9,7 @@ import torch
 
 import ampclip
 from ampclip import ops
-from helpers import CPU_BACKENDS, random_grads, rel_close
+from helpers import CPU_BACKENDS, params_with, random_grads, rel_close
 
 # Every backend that takes CPU tensors here, the Triton one under its interpreter: opcheck's checks (schema,
 # fake tensors, aliasing, autograd registration, AOT dispatch) are what keep torch.compile working on a GPU.
@@ -85,17 +85,10 @@ def test_clip_compiles_with_fullgraph():
         assert torch.equal(a, b)
 
 
-def _params_with(grads):
-    params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
-    return params
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_drop_in_clip_compiles_with_fullgraph(backend):
     grads = random_grads([(64,), (9, 3)])
-    params = _params_with(grads)
+    params = params_with(grads)
     compiled = torch.compile(lambda ps: ampclip.clip_grad_norm_(ps, 0.5, backend=backend), fullgraph=True,
                              backend="aot_eager")
     total = compiled(params)
@@ -107,7 +100,7 @@ def test_drop_in_clip_compiles_with_fullgraph(backend):
 @pytest.mark.parametrize("mode", ["global", "per_tensor"])
 def test_fused_clipper_step_compiles_with_fullgraph(backend, mode):
     grads = random_grads([(64,), (9, 3), (5,)], (torch.float32, torch.bfloat16))
-    params, twins = _params_with(grads), _params_with(grads)
+    params, twins = params_with(grads), params_with(grads)
     clipper = ampclip.FusedClipper(params, max_norm=0.5, mode=mode, backend=backend)
     eager = ampclip.FusedClipper(twins, max_norm=0.5, mode=mode, backend=backend)
     inv = torch.tensor(0.5)

@@ -504,7 +504,7 @@ def test_step_hands_the_scaler_to_an_optimizer_that_takes_grad_scaler():
     ours = DynamicLossScaler("cpu", init_scale=512.0)
     theirs = torch.amp.GradScaler("cpu", init_scale=512.0)
     messages = {}
-    for step in range(3):
+    for _ in range(3):
         x = torch.randn(4, 6)
         for model, opt, scaler in ((models[0], opts[0], ours), (models[1], opts[1], theirs)):
             opt.zero_grad()

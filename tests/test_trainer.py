@@ -70,7 +70,7 @@ def test_norm_and_value_strategies(strategy):
             assert torch.equal(p.grad, g.clamp(-0.5, 0.5))
     assert stats.names == [n for n, _ in model.named_parameters()]
     summary = clipper.get_statistics()
-    assert summary["steps"] == 1 and summary["clipped_steps"] == (1 if strategy == "norm" else 0)
+    assert summary["steps"] == 1 and summary["clipped_steps"] == 1  # the clamp moved elements: a clipped step
     assert set(summary["per_layer"]) == {n for n, _ in model.named_parameters()}
     clipper.reset()
     assert clipper.get_statistics()["steps"] == 0
@@ -272,3 +272,28 @@ def test_run_training_epoch_clips_logs_or_leaves_alone(max_grad_norm):
     else:
         assert tracker.logged["gradients/pre_clip_norm"] > max_grad_norm
         assert abs(tracker.logged["gradients/post_clip_norm"] - max_grad_norm) < 1e-5
+
+
+@pytest.mark.parametrize("clamp, moved", [(0.5, True), (100.0, False), ((-0.5, 100.0), True), ((-100.0, 0.5), True),
+                                          ((-100.0, 100.0), False)])
+def test_a_value_clamp_that_moves_an_element_counts_as_a_clipped_step(clamp, moved):
+    model = named_grads(scale=3.0)
+    clipper = ampclip.GradientClipper(model.named_parameters(), "value", clip_value=clamp)
+    stats = clipper.clip_()
+    assert stats.clamped.item() == float(moved) and stats.clip_coef.item() == 1.0  # the coefficient stays true
+    assert clipper.get_statistics()["clipped_steps"] == int(moved)
+    for p in model.parameters():  # nothing clamped when nothing is reported clamped, and the other way round
+        lo, hi = (-clamp, clamp) if isinstance(clamp, float) else clamp
+        assert p.grad.min() >= lo and p.grad.max() <= hi
+
+
+def test_the_trainer_reports_a_clamped_step_as_clipped():
+    from ampclip.models import random_batches
+    from ampclip.train import build
+
+    trainer = build("single", "fp32", gradient_clip_strategy="value", gradient_clip_value=1e-4, lr=0.01,
+                    optimizer="sgd")
+    trainer.training_step(next(random_batches(4, 32, seed=0)))
+    stats = trainer.last_clipping_stats
+    assert stats["clipped"] and stats["clip_coef"] == 1.0
+    assert trainer.get_gradient_summary()["clipped_steps"] == 1

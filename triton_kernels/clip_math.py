@@ -78,18 +78,24 @@ def _p_root(s, inv_p, NORM: tl.constexpr):
 
 
 @triton.jit
+def _clipped(per_tensor, coef, index, count):
+    """|norm * coefficient| in float64 at ``index`` (0 past ``count``), read from L2 (".cg"): other programs of
+    the launch may have stored them."""
+    mask = index < count
+    n = tl.load(per_tensor + index, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float64)
+    return tl.abs(n * tl.load(coef + index, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float64))
+
+
+@triton.jit
 def _clipped_norm(per_tensor, coef, count, p, inv_p, NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """The p-norm over tensors of norm * coefficient, in float64 scaled by the largest, NaN propagating: two
     reads of the norms and their coefficients (stored before a barrier, by this program or by others of the
-    launch: read from L2, ".cg", never from a stale L1 line), the largest first, then the scaled sum."""
+    launch), the largest first, then the scaled sum."""
     offsets = tl.arange(0, BLOCK_SIZE)
     peak = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
     nan = tl.zeros([BLOCK_SIZE], dtype=tl.int32)
     for i in range(0, count, BLOCK_SIZE):
-        mask = i + offsets < count
-        n = tl.load(per_tensor + i + offsets, mask=mask, other=0.0, cache_modifier=".cg")
-        v = tl.abs(n.to(tl.float64) * tl.load(coef + i + offsets, mask=mask, other=0.0,
-                                                   cache_modifier=".cg").to(tl.float64))
+        v = _clipped(per_tensor, coef, i + offsets, count)
         nan = tl.maximum(nan, tl.where(v != v, 1, 0))
         peak = tl.maximum(peak, tl.where(v != v, 0.0, v))
     top = tl.max(peak, axis=0)
@@ -100,10 +106,7 @@ def _clipped_norm(per_tensor, coef, count, p, inv_p, NORM: tl.constexpr, BLOCK_S
         inv_scale = 1.0 / scale  # one division, not one per element (each is a call that spills registers)
         acc = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
         for i in range(0, count, BLOCK_SIZE):
-            mask = i + offsets < count
-            n = tl.load(per_tensor + i + offsets, mask=mask, other=0.0, cache_modifier=".cg")
-            v = tl.abs(n.to(tl.float64) * tl.load(coef + i + offsets, mask=mask, other=0.0,
-                                                   cache_modifier=".cg").to(tl.float64))
+            v = _clipped(per_tensor, coef, i + offsets, count)
             acc += _power(tl.where(v != v, 0.0, v) * inv_scale, p, NORM)
         out = tl.where(top == float("inf"), top, _p_root(tl.sum(acc, axis=0), inv_p, NORM) * scale)
     return tl.where(tl.max(nan, axis=0) > 0, float("nan"), out)

@@ -10,8 +10,8 @@ and accumulator, then draws a ticket of the launch; the program that draws the l
 per-tensor accumulators in index order into the total and found_inf, and computes the clip coefficient (global
 or per tensor), the norm after clipping and the scale a fused optimizer divides by. Each finisher resets the
 counter it drew from, so the table is ready for the next launch (and a CUDA graph replays it). The last-block
-pattern replaces two finalize launches; the reductions keep their fixed order, so the result is the same as
-theirs, bit for bit, run after run.
+pattern replaces two finalize launches; its reductions run in a fixed order, so the result is bitwise the same
+run after run.
 
 Deterministic: no floating-point atomics, fixed reduction trees. ``found_inf`` is exact: each element's
 unscaled value u is tested with ``u != u`` and ``|u| > max finite``, never inferred from the accumulator, so a
@@ -38,8 +38,12 @@ import triton.language as tl
 from .clip_math import _as_float, _clipped_norm, _coefficient_by_rule, _divide
 
 BLOCK = 1024  # elements per loop step: 8 per thread at 4 warps, a 16-byte load for fp16
-FINALIZE_BLOCK = 256  # chunk slots per step of the per-tensor finalize (most tensors own 1 chunk)
-TOTAL_BLOCK = 1024  # tensors per step of the one-program total finalize (10,000 tensors: 10 steps)
+FINALIZE_BLOCK = 256  # chunk slots per step of a per-tensor finalize (most tensors own 1 chunk)
+TOTAL_BLOCK = 1024  # tensors per step of a one-program total finalize (10,000 tensors: 10 steps)
+# Slots, then tensors, per step of the norm pass's own finish: narrow, so that the finish needs no more registers
+# than the element loop (a kernel's registers are those of its hungriest part, and the loop streams at full
+# occupancy only with few).
+FINISH_BLOCK = 128
 NORM_L2, NORM_L1, NORM_INF, NORM_P = 0, 1, 2, 3
 # The table's codes section (ampclip/backends/tensor_table.py): the dtype code in the low bits, and a bit set
 # when the tensor's data and every chunk start are 16-byte aligned, so whole blocks can be read in 128-bit loads.
@@ -340,7 +344,8 @@ def float_bits(x: float) -> int:
 
 
 def fused_norm_triton(table, inv_scale: Optional[torch.Tensor], norm_type: float,
-                      clamp: Optional[tuple[float, float]] = None, clip: Optional[tuple[float, int, float, int]] = None):
+                      clamp: Optional[tuple[float, float]] = None,
+                      clip: Optional[tuple[float, int, float, int]] = None):
     """``(per_tensor_norms, total_norm, found_inf)`` of the table's tensors: ``ampclip::norm_pass``; with
     ``clip = (max_norm, mode, eps, rule)`` (mode 0 global, 1 per tensor) also ``(coef, post_clip_norm,
     grad_scale)``: ``ampclip::clip_norm_pass``.
@@ -386,7 +391,7 @@ def fused_norm_triton(table, inv_scale: Optional[torch.Tensor], norm_type: float
         MAX_FINITE=_FP64_MAX if table.has_fp64 else _FP32_MAX, NORM=norm_kind,
         HAS_INV=int(inv_scale is not None), HAS_CLAMP=int(clamp is not None),
         WIDEN=int(not table.has_fp64 and norm_kind != NORM_INF), CHUNK_SIZE=table.chunk,
-        BLOCK_SIZE=BLOCK, FINISH_BLOCK=FINALIZE_BLOCK, TOTAL_BLOCK_SIZE=TOTAL_BLOCK,
+        BLOCK_SIZE=BLOCK, FINISH_BLOCK=FINISH_BLOCK, TOTAL_BLOCK_SIZE=FINISH_BLOCK,
     )
     if clip is None:
         return per_tensor, total, found_inf

@@ -250,7 +250,7 @@ class Checked(list):
         super().__init__(grads)
         self.table = table
 
-    def _forget(method):  # noqa: N805 (a decorator of the class body)
+    def _forget(method):  # a decorator of the class body, deleted below
         def changed(self, *args, **kwargs):
             self.table = None
             return method(self, *args, **kwargs)

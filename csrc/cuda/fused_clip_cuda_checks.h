@@ -250,9 +250,10 @@ inline std::optional<FinalizePlan> check_clip_finalize(const at::Tensor& per_ten
   AMPCLIP_REQUIRE(per_tensor.is_contiguous(), false, op, ": per_tensor must be contiguous");
   AMPCLIP_REQUIRE_OK(check_on(total, op, "total", device_type, problem));
   AMPCLIP_REQUIRE_OK(check_same_device(total, device, op, "total", problem));
-  AMPCLIP_REQUIRE(total.scalar_type() == dtype, true, op, ": total must be ", dtype, " (the norms' dtype), got ",
-                  total.scalar_type());
-  AMPCLIP_REQUIRE(total.numel() == 1, false, op, ": total must hold one element, got shape ", total.sizes());
+  AMPCLIP_REQUIRE(total.scalar_type() == dtype, true, op, ": total must be a one-element ", dtype,
+                  " tensor (the norms' dtype), got ", total.scalar_type(), " of shape ", total.sizes());
+  AMPCLIP_REQUIRE(total.numel() == 1, false, op, ": total must be a one-element ", dtype,
+                  " tensor (the norms' dtype), got ", total.scalar_type(), " of shape ", total.sizes());
   AMPCLIP_REQUIRE_OK(check_on(max_norm, op, "max_norm", device_type, problem));
   AMPCLIP_REQUIRE_OK(check_same_device(max_norm, device, op, "max_norm", problem));
   AMPCLIP_REQUIRE(max_norm.scalar_type() == at::kFloat || max_norm.scalar_type() == at::kDouble, true, op,
