@@ -148,6 +148,7 @@ __all__ = [
     "dispatched",
     "combine_groups",
     "combine_norms",
+    "fuses_coefficient",
     "gathered",
     "grads_of",
     "norm_pass",
@@ -360,6 +361,13 @@ def resolve_backend(name: Optional[str], device) -> str:
         raise RuntimeError(f"ampclip backend {name!r} does not take {device.type} tensors here (see "
                            "`python -m ampclip env`)")
     return name
+
+
+def fuses_coefficient(name: str) -> bool:
+    """Whether backend ``name`` computes a clip's coefficient in its norm pass (``clip_norm_pass`` is one launch
+    of its own): then a clip whose bound is known is two passes; else the norm pass, ``clip_finalize`` and the
+    scale pass."""
+    return _impl(name).fuses_coefficient
 
 
 def runs_on(name: str, device) -> bool:
@@ -814,7 +822,11 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float, norm_type: float 
         total = _impl(name).clip_grad_norm(grads, max_norm, norm_type)
         if total is not None:
             return total
-    _, total, _, coef, _, _ = clip_norm_pass(grads, None, norm_type, max_norm=max_norm, backend=name)
+    if fuses_coefficient(name):
+        _, total, _, coef, _, _ = clip_norm_pass(grads, None, norm_type, max_norm=max_norm, backend=name)
+    else:
+        total = norm_pass(grads, None, norm_type, backend=name)[1]
+        coef = clip_coef(max_norm, total, backend=name)
     scale_pass(grads, coef, backend=name)
     return total
 

@@ -157,7 +157,7 @@ def test_compiled_entries_under_a_dispatch_mode_go_through_the_registered_ops():
     assert rel_close(ampclip.reference.exact_norm(grads, 2.0), want / 2, 1e-6)
     params = ampclip.reference.parameters_of(grads)
     names = ops.dispatched(ampclip.clip_grad_norm_, params, want / 4)  # the drop-in's fast path steps aside too
-    assert names == ["ampclip.clip_norm_pass.default", "ampclip.scale_pass.default"]  # the two passes of a clip
+    assert names == ["ampclip.norm_pass.default", "ampclip.clip_finalize.default", "ampclip.scale_pass.default"]
     assert rel_close(ampclip.reference.exact_norm(grads, 2.0), want / 4, 1e-5)
 
 
@@ -192,9 +192,10 @@ def test_a_step_dispatches_a_handful_of_device_ops_whatever_the_tensor_count(ten
     clipper_ops = _count(clipper.clip_)
     print(f"\n{tensors} tensors: unscale_and_clip_ + update {len(scaler_ops)} ops {scaler_ops}; "
           f"GradientClipper.clip_ {len(clipper_ops)} ops {clipper_ops}")
-    # The counts docs/architecture.md and the README quote: the clip's two passes (the norm pass computes the
-    # coefficient), then the statistics or the scale update: 3, and 4 with the CPU's free read of inv_scale.
-    passes = ["ampclip.clip_norm_pass.default", "ampclip.scale_pass.default"]
+    # The counts docs/architecture.md and the README quote for the CPU backend (whose norm pass does not compute
+    # the coefficient; the Triton one's does: tests/test_launches.py): the norm pass, the coefficient and the scale
+    # pass, then the statistics or the scale update: 4, and 5 with the CPU's free read of inv_scale.
+    passes = ["ampclip.norm_pass.default", "ampclip.clip_finalize.default", "ampclip.scale_pass.default"]
     assert clipper_ops == [*passes, "ampclip.clip_stats_update.default"]
     assert scaler_ops == ["aten._local_scalar_dense.default", *passes, "ampclip.scaler_update.default"]
 
