@@ -88,6 +88,10 @@ ALLOWED_SPILLS = [
     ("_zclip_kernel", "3.6.", 90, 16,
      "the same in ZClip's one-program step: three registers stored before the float64 divisions' slow-path "
      "calls and loaded after them, once a step; Triton 3.9's ptxas does not"),
+    ("_fused_norm_kernel", "3.6.", None, 16,
+     "ptxas 12.8 (Triton 3.6), in the two variants with both an unscale and a clamp (one float32 L2, one float64 "
+     "inf-norm), keeps two values in memory across an element loop: in the SASS two STL before the loop and two "
+     "LDL after it, once a program, none inside a loop; Triton 3.9's ptxas does not"),
     ("_unit_norm_kernel", "", None, 16,
      "in a few variants, which change with the Triton version, ptxas stops at 96 registers and keeps one "
      "4-byte value in memory outside the element loops (in the SASS: stored once per program, loaded once per "

@@ -124,7 +124,10 @@ def _store_coefficients(norms, coef_out, bound, eps, count, RULE: tl.constexpr):
 
 @triton.jit
 def _coefficient_by_rule(norm, bound, eps, rule):
-    """:func:`_coefficient` with the rule a run-time value (0 or 1): one compiled variant for both."""
-    c0 = _coefficient(norm, bound, eps, 0)
-    c1 = _coefficient(norm, bound, eps, 1)
-    return tl.where(rule == 0, c0, c1)
+    """:func:`_coefficient` with the rule a run-time value (0 or 1): one compiled variant for both, and one
+    division on the way taken (each is a call across which ptxas keeps the live registers)."""
+    if rule == 0:
+        c = _coefficient(norm, bound, eps, 0)
+    else:
+        c = _coefficient(norm, bound, eps, 1)
+    return c
