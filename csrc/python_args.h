@@ -254,25 +254,27 @@ inline bool is_float_dtype(at::ScalarType t) {
 
 inline std::string where(const char* op, const char* what) { return std::string(op) + ": " + what; }
 
-// Dense (strided, not nested), on the CPU, float16/bfloat16/float32/float64.
-inline bool check_cpu_floats(const at::Tensor& t, const std::string& name) {
+// Dense (strided, not nested), on the CPU, float16/bfloat16/float32/float64. `name()` gives the message's
+// subject; it is called on failure only, so a good tensor costs no string (a gradient list may hold 10^4).
+template <typename Name>
+inline bool check_cpu_floats(const at::Tensor& t, const Name& name) {
   if (t.is_nested() || t.layout() != at::kStrided) {
-    return fail(Bad::kType, name + " is not dense (layout " + layout_name(t) + ")");
+    return fail(Bad::kType, name() + " is not dense (layout " + layout_name(t) + ")");
   }
-  if (!t.device().is_cpu()) return fail(Bad::kValue, name + " is on " + t.device().str() + ", expected the CPU");
+  if (!t.device().is_cpu()) return fail(Bad::kValue, name() + " is on " + t.device().str() + ", expected the CPU");
   if (!is_float_dtype(t.scalar_type())) {
-    return fail(Bad::kType, name + " has dtype " + dtype_name(t) + "; expected float16, bfloat16, float32 or float64");
+    return fail(Bad::kType, name() + " has dtype " + dtype_name(t) + "; expected float16, bfloat16, float32 or float64");
   }
-  if (!t.has_storage()) return fail(Bad::kValue, name + " has no storage");
+  if (!t.has_storage()) return fail(Bad::kValue, name() + " has no storage");
   return true;
 }
 
 // A gradient the kernels take (check_cpu_floats); for a write (`writable`), also no two elements sharing memory.
 inline bool check_grad(const at::Tensor& g, Py_ssize_t index, const char* op, bool writable) {
-  const std::string name = std::string(op) + ": gradient " + std::to_string(index);
+  const auto name = [&] { return std::string(op) + ": gradient " + std::to_string(index); };
   if (!check_cpu_floats(g, name)) return false;
   if (writable && at::has_internal_overlap(g) == at::MemOverlap::Yes) {
-    return fail(Bad::kValue, name + " has elements that share memory (an expanded tensor, stride 0): it cannot be "
+    return fail(Bad::kValue, name() + " has elements that share memory (an expanded tensor, stride 0): it cannot be "
                                     "written in place; clone it first");
   }
   return true;
@@ -280,7 +282,7 @@ inline bool check_grad(const at::Tensor& g, Py_ssize_t index, const char* op, bo
 
 // A one-element CPU float tensor (inv_scale, found_inf, a norm, a bound).
 inline bool check_scalar(const at::Tensor& t, const char* op, const char* what) {
-  if (!check_cpu_floats(t, where(op, what))) return false;
+  if (!check_cpu_floats(t, [&] { return where(op, what); })) return false;
   if (t.numel() != 1) {
     return fail(Bad::kValue, where(op, what) + " must hold exactly one element, got " + std::to_string(t.numel()));
   }
@@ -293,7 +295,7 @@ inline bool check_optional_scalar(const std::optional<at::Tensor>& t, const char
 
 // A CPU float tensor of `numel` elements (any count when negative), 1-D when `one_dim`.
 inline bool check_floats(const at::Tensor& t, const char* op, const char* what, int64_t numel, bool one_dim) {
-  if (!check_cpu_floats(t, where(op, what))) return false;
+  if (!check_cpu_floats(t, [&] { return where(op, what); })) return false;
   if (one_dim && t.dim() != 1) {
     return fail(Bad::kValue, where(op, what) + " must be 1-D, got " + std::to_string(t.dim()) + " dimensions");
   }
@@ -307,8 +309,7 @@ inline bool check_floats(const at::Tensor& t, const char* op, const char* what, 
 // A state tensor an op writes in place: contiguous, on the CPU, of `dtype`, of exactly `sizes`.
 inline bool check_state(const at::Tensor& t, const char* op, const char* what, at::ScalarType dtype,
                         std::vector<int64_t> sizes) {
-  const std::string name = where(op, what);
-  if (!check_cpu_floats(t, name)) return false;
+  if (!check_cpu_floats(t, [&] { return where(op, what); })) return false;
   bool shape_ok = t.dim() == static_cast<int64_t>(sizes.size());
   for (size_t d = 0; shape_ok && d < sizes.size(); ++d) shape_ok = sizes[d] < 0 || t.size(d) == sizes[d];
   if (t.scalar_type() != dtype || !shape_ok || !t.is_contiguous()) {
@@ -316,7 +317,7 @@ inline bool check_state(const at::Tensor& t, const char* op, const char* what, a
     for (size_t d = 0; d < sizes.size(); ++d) {
       shape += (d ? ", " : "") + (sizes[d] < 0 ? std::string("n") : std::to_string(sizes[d]));
     }
-    return fail(Bad::kValue, name + " must be a contiguous " + c10::toString(dtype) + " tensor of shape [" + shape +
+    return fail(Bad::kValue, where(op, what) + " must be a contiguous " + c10::toString(dtype) + " tensor of shape [" + shape +
                                  "], got " + dtype_name(t) + " of " + std::to_string(t.dim()) + " dimensions");
   }
   return true;
