@@ -14,7 +14,6 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is decorated: the kernels run on CPU tensors
 
 import datetime
-import time
 
 import torch
 
@@ -22,20 +21,13 @@ import ampclip
 from ampclip import ops
 from ampclip.backends import cpp
 
+from .host_timing import SIZES, least_us, triton_launches_skipped
 from .machine import cpu_model
 
-SIZES = (20, 2000, 10000)
 
-
-def least_us(fn, calls: int = 40) -> float:
-    fn()
-    fn()
-    best = float("inf")
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e6
+def us(fn) -> float:
+    """Microseconds per call: the least of 40 calls, after two."""
+    return least_us(fn, 40, warmup=2)
 
 
 def rows(n: int) -> dict:
@@ -47,25 +39,23 @@ def rows(n: int) -> dict:
     clipper.clip_(inv)
     _, grads, _, _ = ops.gathered(params)  # checked against the table the clip just used
     return {
-        "FusedClipper.clip_, whole call": least_us(lambda: clipper.clip_(inv)),
-        "  gather .grad and check the table's layout (one C++ loop)": least_us(lambda: ops.gathered(params)),
+        "FusedClipper.clip_, whole call": us(lambda: clipper.clip_(inv)),
+        "  gather .grad and check the table's layout (one C++ loop)": us(lambda: ops.gathered(params)),
         "  norm pass: ops to the launch (table found in O(1))":
-            least_us(lambda: ops.clip_norm_pass(grads, inv, 2.0, max_norm=1.0, backend="triton")),
-        "  scale pass: ops to the launch, version bumps": least_us(lambda: ops.scale_pass(grads, coef, inv,
-                                                                                           backend="triton")),
-        "  of which: version bumps (one C++ loop)": least_us(lambda: cpp.bump_versions(grads)),
-        "unit: [p.grad for p in params]": least_us(lambda: [p.grad for p in params]),
+            us(lambda: ops.clip_norm_pass(grads, inv, 2.0, max_norm=1.0, backend="triton")),
+        "  scale pass: ops to the launch, version bumps": us(lambda: ops.scale_pass(grads, coef, inv,
+                                                                                     backend="triton")),
+        "  of which: version bumps (one C++ loop)": us(lambda: cpp.bump_versions(grads)),
+        "unit: [p.grad for p in params]": us(lambda: [p.grad for p in params]),
     }
 
 
 def main() -> int:
-    import triton.runtime.interpreter as interpreter
-
-    interpreter.InterpretedFunction.run = lambda self, *args, grid, warmup, **kwargs: None  # launches: no-ops
     torch.set_num_threads(1)
     print(f"# python -m benchmarks.host_budget, {datetime.date.today()}, {cpu_model()} ({os.cpu_count()} cores), "
           f"torch {torch.__version__}, 1 thread, least of 40 calls, gradients of 4 elements")
-    measured = [rows(n) for n in SIZES]
+    with triton_launches_skipped():
+        measured = [rows(n) for n in SIZES]
     print(f"{'us per call (Triton backend, launches replaced by no-ops)':<62}" + "".join(f"{n:>9}" for n in SIZES))
     for label in measured[0]:
         print(f"{label:<62}" + "".join(f"{m[label]:>9.1f}" for m in measured))

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import datetime
 import os
-import time
 
 import torch
 
@@ -24,18 +23,8 @@ import ampclip
 from ampclip import ops, reference
 from ampclip.backends import cpp, tensor_table
 
+from .host_timing import least_us
 from .machine import cpu_model
-
-
-def best_us(fn, calls: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e6
 
 
 @contextlib.contextmanager
@@ -81,17 +70,17 @@ def main(argv=None) -> int:
     ]
     print(f"\n{'host time per call, us':<64}{'compiled':>10}{'Python':>10}")
     for label, fn, helper in rows:
-        fast = best_us(fn, args.calls)
+        fast = least_us(fn, args.calls, warmup=2)
         with without(*helper):
-            slow = best_us(fn, args.calls)
+            slow = least_us(fn, args.calls, warmup=2)
         print(f"{label:<64}{fast:>10.1f}{slow:>10.1f}")
 
     params = parameters([(512,)] * 2000)
     bound = reference.exact_norm([p.grad for p in params], 2.0) * 2  # above the norm: nothing is rewritten
     print(f"\n{'2000 x 512 fp32, ms per call':<34}{'fused':>10}{'split':>10}")
     for label, nn_utils in (("ampclip", ampclip), ("torch", torch.nn.utils)):
-        fused = best_us(lambda u=nn_utils: u.clip_grad_norm_(params, bound), args.calls) / 1e3
-        split = best_us(lambda u=nn_utils: split_clip(u, params, bound), args.calls) / 1e3
+        fused = least_us(lambda u=nn_utils: u.clip_grad_norm_(params, bound), args.calls, warmup=2) / 1e3
+        split = least_us(lambda u=nn_utils: split_clip(u, params, bound), args.calls, warmup=2) / 1e3
         print(f"{label:<34}{fused:>10.2f}{split:>10.2f}")
     return 0
 

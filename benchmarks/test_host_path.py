@@ -20,14 +20,14 @@ ratio see the same machine.
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
 
 import ampclip
 
-SIZES = (20, 2000, 10000)
+from .host_timing import SIZES, least_us, triton_launches_skipped
+
 ELEMENTS = 4
 BUDGET = {"clipper": 0.5, "dropin": 1.0, "scaler": None}  # at most this many units a gradient; None: reported
 CALLS = ("clipper", "dropin", "scaler")
@@ -78,23 +78,8 @@ def no_launches():
     if torch.cuda.is_available():
         yield
         return
-    import triton.runtime.interpreter as interpreter
-
-    run = interpreter.InterpretedFunction.run
-    interpreter.InterpretedFunction.run = lambda self, *args, grid, warmup, **kwargs: None
-    try:
+    with triton_launches_skipped():
         yield
-    finally:
-        interpreter.InterpretedFunction.run = run
-
-
-def least_us(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e6
 
 
 def measure(backend: str, repeats: int = 30, rounds: int = 3) -> dict:
