@@ -114,6 +114,16 @@ def _execute(block: Block, run: PageRun) -> None:
     exec(code, run.namespace)
 
 
+def _execute_recorded(block: Block, run: PageRun) -> None:
+    """Runs ``block`` in its page's run and records it there as done, or as the page's first failure."""
+    try:
+        _execute(block, run)
+    except BaseException:
+        run.failed = str(block)
+        raise
+    run.done.add(str(block))
+
+
 @pytest.fixture(autouse=True)
 def _process_state_restored():
     """What a block changes in the process (torch.nn.utils patched, a strategy registered) is undone after
@@ -177,17 +187,7 @@ def test_doc_block_runs(block, tmp_path_factory, monkeypatch):
         pytest.skip(f"{block}: the page's block at {run.failed} failed, and this one may build on it")
     # Earlier blocks of the page not run yet (when this block was selected alone) run first, in order.
     for earlier in [b for b in BLOCKS if b.page == block.page and b.line < block.line]:
-        if str(earlier) in run.done or earlier.skip_reason():
-            continue
-        try:
-            _execute(earlier, run)
-        except BaseException:
-            run.failed = str(earlier)
-            raise
-        run.done.add(str(earlier))
-    try:
-        _execute(block, run)
-    except BaseException:
-        run.failed = str(block)
-        raise
-    run.done.add(str(block))
+        if str(earlier) not in run.done and not earlier.skip_reason():
+            _execute_recorded(earlier, run)
+    _execute_recorded(block, run)
+
