@@ -238,6 +238,15 @@ PyObject* tuple_of(Tensors&&... tensors) {
   return out;
 }
 
+// Bumps the version counter of every tensor in items (each a THPVariable; an inference tensor has none), as
+// torch's in-place ops do: for passes that wrote them through raw pointers.
+inline void bump_versions(PyObject* const* items, Py_ssize_t count) {
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    c10::TensorImpl* impl = THPVariable_Unpack(items[i]).unsafeGetTensorImpl();
+    if (!impl->is_inference()) impl->bump_version();
+  }
+}
+
 inline bool check_nargs(Py_ssize_t nargs, Py_ssize_t expected, const char* signature) {
   if (nargs == expected) return true;
   PyErr_Format(PyExc_TypeError, "%s takes %zd arguments, got %zd", signature, expected, nargs);
@@ -263,7 +272,8 @@ inline bool check_cpu_floats(const at::Tensor& t, const Name& name) {
   }
   if (!t.device().is_cpu()) return fail(Bad::kValue, name() + " is on " + t.device().str() + ", expected the CPU");
   if (!is_float_dtype(t.scalar_type())) {
-    return fail(Bad::kType, name() + " has dtype " + dtype_name(t) + "; expected float16, bfloat16, float32 or float64");
+    return fail(Bad::kType,
+                name() + " has dtype " + dtype_name(t) + "; expected float16, bfloat16, float32 or float64");
   }
   if (!t.has_storage()) return fail(Bad::kValue, name() + " has no storage");
   return true;
@@ -317,8 +327,8 @@ inline bool check_state(const at::Tensor& t, const char* op, const char* what, a
     for (size_t d = 0; d < sizes.size(); ++d) {
       shape += (d ? ", " : "") + (sizes[d] < 0 ? std::string("n") : std::to_string(sizes[d]));
     }
-    return fail(Bad::kValue, where(op, what) + " must be a contiguous " + c10::toString(dtype) + " tensor of shape [" + shape +
-                                 "], got " + dtype_name(t) + " of " + std::to_string(t.dim()) + " dimensions");
+    return fail(Bad::kValue, where(op, what) + " must be a contiguous " + c10::toString(dtype) + " tensor of shape [" +
+                                 shape + "], got " + dtype_name(t) + " of " + std::to_string(t.dim()) + " dimensions");
   }
   return true;
 }

@@ -99,8 +99,7 @@ PyObject* norm_pass(PyObject* /*module*/, PyObject* const* args, Py_ssize_t narg
   }
   auto [norms, total, found_inf] = run_releasing_gil_if_large(
       grads, [&] { return tensors_of(args[0]); }, [&] { return norm_pass_cpu(grads, inv_scale, norm_type, clamp); });
-  return tuple_of(std::move(norms), std::move(total),
-                      std::move(found_inf));
+  return tuple_of(std::move(norms), std::move(total), std::move(found_inf));
   END_HANDLE_TH_ERRORS
 }
 
@@ -289,8 +288,7 @@ PyObject* clip_finalize(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
   if (mode == 2 && !check_group_index(group_index, per_tensor.numel(), num_groups, op)) return nullptr;
   auto [coef, group_coef, group_norms, post] = clip_finalize_cpu(per_tensor, total, max_norm_tensor, max_norm, mode,
                                                                  group_index, num_groups, norm_type, eps, rule);
-  return tuple_of(std::move(coef), std::move(group_coef),
-                      std::move(group_norms), std::move(post));
+  return tuple_of(std::move(coef), std::move(group_coef), std::move(group_norms), std::move(post));
   END_HANDLE_TH_ERRORS
 }
 
@@ -540,10 +538,7 @@ PyObject* bump_versions(PyObject* /*module*/, PyObject* tensors) {
   for (Py_ssize_t i = 0; i < count; ++i) {
     if (!THPVariable_Check(items[i])) return error(Bad::kType, "bump_versions: an item is not a tensor");
   }
-  for (Py_ssize_t i = 0; i < count; ++i) {
-    c10::TensorImpl* impl = THPVariable_Unpack(items[i]).unsafeGetTensorImpl();
-    if (!impl->is_inference()) impl->bump_version();
-  }
+  py::bump_versions(items, count);
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }

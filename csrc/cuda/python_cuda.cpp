@@ -127,10 +127,7 @@ PyObject* scale_pass_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize
   }
   scale_pass(t.ptrs, t.numels, t.codes, t.chunk_begin, t.chunk_tensor, t.chunk, coef, inv_scale, lo, hi, found_inf,
              zero_if_inf);
-  for (Py_ssize_t i = 0; i < count; ++i) {
-    c10::TensorImpl* impl = THPVariable_Unpack(items[i]).unsafeGetTensorImpl();
-    if (!impl->is_inference()) impl->bump_version();
-  }
+  bump_versions(items, count);
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
