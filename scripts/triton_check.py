@@ -54,8 +54,8 @@ DEFAULT_ARCHS = "80,90"
 # kernel -> module of triton_kernels/
 KERNELS = {
     "_fused_norm_kernel": "fused_norm",
-    "_tensor_finalize_kernel": "fused_norm",
-    "_total_finalize_kernel": "fused_norm",
+    "_tensor_finalize_kernel": "unitwise",
+    "_total_finalize_kernel": "unitwise",
     "_fused_scale_kernel": "fused_scale",
     "_clip_finalize_kernel": "small_ops",
     "_scaler_update_kernel": "small_ops",
@@ -143,8 +143,7 @@ def specializations() -> list[Spec]:
     """Every specialisation the launchers of triton_kernels/ can produce (see the module docstring)."""
     c = _module_constants()
     chunk, block = c["tensor_table.CHUNK"], c["fused_norm.BLOCK"]
-    finalize_block, total_block, small_block = c["fused_norm.FINALIZE_BLOCK"], c["fused_norm.TOTAL_BLOCK"], \
-        c["small_ops.BLOCK"]
+    small_block = c["small_ops.BLOCK"]
     clip_block = c["small_ops.CLIP_BLOCK"]
     table = [(n, "*i64") for n in ("table_ptrs", "table_numels", "table_codes", "chunk_begin", "chunk_tensor")]
     specs = []
@@ -164,15 +163,6 @@ def specializations() -> list[Spec]:
                 HAS_INV=has_inv, HAS_CLAMP=has_clamp, WIDEN=int(acc == "fp32" and norm != 2), CHUNK_SIZE=chunk,
                 BLOCK_SIZE=block, FINISH_BLOCK=c["fused_norm.FINISH_BLOCK"],
                 TOTAL_BLOCK_SIZE=c["fused_norm.FINISH_BLOCK"]))
-    for acc, norm in product(("fp32", "fp64"), range(4)):
-        add("_tensor_finalize_kernel", [
-            ("partials", "*fp64"), ("flags", "*fp64"), ("chunk_begin", "*i64"), ("norm_out", f"*{acc}"),
-            ("acc_out", "*fp64"), ("flag_out", "*fp64"), ("inv_p", "fp32"),
-        ], dict(NORM=norm, BLOCK_SIZE=finalize_block))
-        add("_total_finalize_kernel", [
-            ("accs", "*fp64"), ("flags", "*fp64"), ("num_tensors", "i32"), ("total_out", f"*{acc}"),
-            ("found_out", "*fp32"), ("inv_p", "fp32"),
-        ], dict(NORM=norm, BLOCK_SIZE=total_block))
     for coef, per_tensor, has_inv, has_clip, (has_found, zero) in product(
             ("fp32", "fp64"), (0, 1), (0, 1), (0, 1), ((0, 0), (1, 0), (1, 1))):
         add("_fused_scale_kernel", table + [
@@ -202,7 +192,7 @@ def specializations() -> list[Spec]:
             ("found_ptr", "*fp32"), ("count", "i32"), ("coef_count", "i32"),
         ], dict(HAS_LAYERS=has_layers, BLOCK_SIZE=small_block))
     specs += _unitwise_specializations(c)
-    return list(dict.fromkeys(specs))  # the unit-wise norm's finalizes are some of the norm pass's
+    return specs
 
 
 def _unitwise_specializations(c: dict) -> list[Spec]:
@@ -231,6 +221,10 @@ def _unitwise_specializations(c: dict) -> list[Spec]:
                 ("partials", "*fp64"), ("flags", "*fp64"), ("chunk_begin", "*i64"), ("norm_out", f"*{acc}"),
                 ("acc_out", "*fp64"), ("flag_out", "*fp64"), ("inv_p", "fp32"),
             ], dict(NORM=norm, BLOCK_SIZE=c["unitwise.TENSOR_BLOCK"]))
+            add("_total_finalize_kernel", [
+                ("accs", "*fp64"), ("flags", "*fp64"), ("num_tensors", "i32"), ("total_out", f"*{acc}"),
+                ("found_out", "*fp32"), ("inv_p", "fp32"),
+            ], dict(NORM=norm, BLOCK_SIZE=c["unitwise.TOTAL_BLOCK"]))
     for coef, has_inv, (has_found, zero) in product(("fp32", "fp64"), (0, 1), ((0, 0), (1, 0), (1, 1))):
         add("_unit_scale_kernel", [("table_ptrs", "*i64"), ("table_codes", "*i64")] + layout + [
             ("seg_unit", "*i64"), ("row_len", "*i64"), ("coef_ptr", f"*{coef}"),

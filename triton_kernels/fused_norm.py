@@ -38,8 +38,6 @@ import triton.language as tl
 from .clip_math import _as_float, _clipped_norm, _coefficient_by_rule, _divide
 
 BLOCK = 1024  # elements per loop step: 8 per thread at 4 warps, a 16-byte load for fp16
-FINALIZE_BLOCK = 256  # chunk slots per step of a per-tensor finalize (most tensors own 1 chunk)
-TOTAL_BLOCK = 1024  # tensors per step of a one-program total finalize (10,000 tensors: 10 steps)
 # Slots, then tensors, per step of the norm pass's own finish: narrow, so that the finish needs no more registers
 # than the element loop (a kernel's registers are those of its hungriest part, and the loop streams at full
 # occupancy only with few).
@@ -296,28 +294,6 @@ def _reduce_slots(values, flags, count, NORM: tl.constexpr, BLOCK_SIZE: tl.const
     else:
         total = tl.sum(acc, axis=0)
     return total, tl.max(flag, axis=0)
-
-
-@triton.jit(do_not_specialize_on_alignment=["partials", "flags", "chunk_begin", "norm_out", "acc_out", "flag_out"])
-def _tensor_finalize_kernel(partials, flags, chunk_begin, norm_out, acc_out, flag_out, inv_p,
-                            NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    begin = tl.load(chunk_begin + t)
-    count = (tl.load(chunk_begin + t + 1) - begin).to(tl.int32)  # zero-size tensor: no slot, norm 0
-    total, f = _reduce_slots(partials + begin, flags + begin, count, NORM, BLOCK_SIZE)
-    norm = _root(total, f, inv_p, NORM)
-    tl.store(norm_out + t, norm.to(norm_out.dtype.element_ty))
-    tl.store(acc_out + t, total)
-    tl.store(flag_out + t, f)
-
-
-@triton.jit(do_not_specialize=["num_tensors"],
-            do_not_specialize_on_alignment=["accs", "flags", "total_out", "found_out"])
-def _total_finalize_kernel(accs, flags, num_tensors, total_out, found_out, inv_p,
-                           NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    total, f = _reduce_slots(accs, flags, num_tensors, NORM, BLOCK_SIZE)
-    tl.store(total_out, _root(total, f, inv_p, NORM).to(total_out.dtype.element_ty))
-    tl.store(found_out, tl.where(f > 0.0, 1.0, 0.0).to(tl.float32))
 
 
 def _norm_kind(norm_type: float) -> int:

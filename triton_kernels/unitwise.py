@@ -16,7 +16,7 @@ a unit longer than that. The norm pass is four launches:
 4. ``_total_finalize_kernel``, one program: the tensors' accumulators in order, and found_inf.
 
 Deterministic (no atomics, fixed reduction trees) and exact about inf/NaN: the element arithmetic, the
-fixed-order reductions and the last two launches are ``fused_norm.py``'s own, the coefficient arithmetic
+fixed-order reduction (``_reduce_slots``) are ``fused_norm.py``'s own, the coefficient arithmetic
 ``small_ops.py``'s.
 """
 
@@ -39,9 +39,8 @@ from .fused_norm import (
     TINY_PARTIAL,
     _chunk_partial,
     _norm_kind,
+    _reduce_slots,
     _root,
-    _tensor_finalize_kernel,
-    _total_finalize_kernel,
     float_bits,
     on_device,
 )
@@ -135,6 +134,28 @@ def _unit_finalize_kernel(partials, flags, unit_slot_begin, num_units, max_slots
     tl.store(norm_out + units, _root(acc, flag, inv_p, NORM).to(norm_out.dtype.element_ty), mask=mask)
     tl.store(acc_out + units, acc, mask=mask)
     tl.store(flag_out + units, flag, mask=mask)
+
+
+@triton.jit(do_not_specialize_on_alignment=["partials", "flags", "chunk_begin", "norm_out", "acc_out", "flag_out"])
+def _tensor_finalize_kernel(partials, flags, chunk_begin, norm_out, acc_out, flag_out, inv_p,
+                            NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    begin = tl.load(chunk_begin + t)
+    count = (tl.load(chunk_begin + t + 1) - begin).to(tl.int32)  # zero-size tensor: no slot, norm 0
+    total, f = _reduce_slots(partials + begin, flags + begin, count, NORM, BLOCK_SIZE)
+    norm = _root(total, f, inv_p, NORM)
+    tl.store(norm_out + t, norm.to(norm_out.dtype.element_ty))
+    tl.store(acc_out + t, total)
+    tl.store(flag_out + t, f)
+
+
+@triton.jit(do_not_specialize=["num_tensors"],
+            do_not_specialize_on_alignment=["accs", "flags", "total_out", "found_out"])
+def _total_finalize_kernel(accs, flags, num_tensors, total_out, found_out, inv_p,
+                           NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    total, f = _reduce_slots(accs, flags, num_tensors, NORM, BLOCK_SIZE)
+    tl.store(total_out, _root(total, f, inv_p, NORM).to(total_out.dtype.element_ty))
+    tl.store(found_out, tl.where(f > 0.0, 1.0, 0.0).to(tl.float32))
 
 
 @triton.jit
