@@ -36,7 +36,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import ops
+from . import distributed, ops
 
 __all__ = ["DEFAULT_BUCKET_MB", "Overlap", "refusal"]
 
@@ -97,7 +97,7 @@ def refusal(params, strategy, spec: Overlap) -> Optional[Exception]:
         return ValueError("overlap cannot take a value clamp (value_clip, the 'value' strategy): the clamp applies "
                           "to the unscaled values, so the norm of the clamped gradients is not the scaled norm "
                           "times inv_scale; use overlap=False")
-    if any(hasattr(p, "device_mesh") and hasattr(p, "placements") for p in params):
+    if any(distributed.is_dtensor(p) for p in params):
         return NotImplementedError("overlap does not take FSDP2's sharded (DTensor) parameters: their gradients "
                                    "are set by the reduce-scatter after the parameters' hooks; the clip measures "
                                    "the local shards after backward with one all-reduce (use overlap=False)")
