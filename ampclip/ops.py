@@ -77,6 +77,7 @@ import torch
 from . import backends
 from .backends import cpp as _cpp
 from .backends import tensor_table
+from .backends.tensor_table import to_device  # a host tensor to a GPU without a sync, for the layer above
 from .contract import (  # the contract's fixed parts, re-exported: ampclip.ops.EPS and so on
     CLIPPED,
     EPS,
@@ -159,6 +160,7 @@ __all__ = [
     "scale_by",
     "scale_pass",
     "scaler_update",
+    "to_device",
     "total_norm",
     "unit_clip_finalize",
     "unit_count",

@@ -354,10 +354,8 @@ class Meter:
         if cached is None:
             if len(self._index_cache) > 4 * len(self._members) + 64:
                 self._index_cache.clear()
-            host = torch.tensor(indices, dtype=torch.int64)
-            # from pinned memory, without waiting: a blocking copy would stall the host in the middle of backward
-            cached = (host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda"
-                      else host.to(self.device))
+            # without waiting (from pinned memory): a blocking copy would stall the host in the middle of backward
+            cached = ops.to_device(torch.tensor(indices, dtype=torch.int64), self.device)
             self._index_cache[key] = cached
         return cached
 
