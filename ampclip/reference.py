@@ -37,6 +37,7 @@ from .contract import (
     ZCLIP_MEAN,
     ZCLIP_READY,
     ZCLIP_VAR,
+    Clamp,
     accumulation_dtype,
     combine_groups,
     combine_norms,
@@ -59,8 +60,6 @@ __all__ = [
     "unit_scale_pass",
     "zclip_update",
 ]
-
-Clamp = Optional[tuple[float, float]]
 
 
 def _unscaled(g: torch.Tensor, acc: torch.dtype, inv_scale: Optional[torch.Tensor]) -> torch.Tensor:
@@ -182,15 +181,6 @@ def grad_scale(inv_scale: Optional[torch.Tensor], coef: torch.Tensor, mode: int)
     coef)`` in the coefficient's dtype; ``1 / inv_scale`` in per-tensor mode, whose coefficients it cannot take."""
     scale = torch.ones((), dtype=coef.dtype, device=coef.device) if inv_scale is None else inv_scale.to(coef.dtype)
     return (scale * coef if mode == 0 else scale).reshape(()).reciprocal()
-
-
-def clip_norm_pass(grads: list[torch.Tensor], inv_scale: Optional[torch.Tensor], norm_type: float, clamp: Clamp,
-                   max_norm: float, mode: int, eps: float, rule: int):
-    """:func:`norm_pass` and :func:`clip_finalize` (global or per-tensor mode, a number as the bound) in one:
-    ``(per_tensor, total, found_inf, coef, post_clip_norm, grad_scale)`` (see :func:`grad_scale`)."""
-    per_tensor, total, found_inf = norm_pass(grads, inv_scale, norm_type, clamp)
-    coef, _, _, post = clip_finalize(per_tensor, total, max_norm, mode, None, 0, norm_type, eps, rule)
-    return per_tensor, total, found_inf, coef, post, grad_scale(inv_scale, coef, mode)
 
 
 def scaler_update(state, history, found_inf, grad_norm, slot: int, growth_factor: float, backoff_factor: float,
