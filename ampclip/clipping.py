@@ -133,7 +133,8 @@ class GradientClipper:
 
     def clip_(self, inv_scale=None, defer_to=None) -> ClipStats:
         """Unscale (optional), check and clip by the strategy; returns :class:`ClipStats` (device tensors).
-        Four device ops in all: norm pass, coefficient, scale pass, statistics."""
+        The clipper's passes (see :meth:`FusedClipper.clip_`) and one statistics op; with a value clamp, one more
+        read of the gradients (two for a (lo, hi) pair) tells whether the clamp moved an element."""
         clamped = self._clamped(inv_scale)  # before the clip rewrites the gradients
         stats = self.fused.clip_(inv_scale, defer_to=defer_to)
         self.steps += 1
