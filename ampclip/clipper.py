@@ -117,10 +117,10 @@ class FusedClipper:
         eps, coef_rule: the coefficient is ``min(1, max_norm / (norm + eps))`` (``coef_rule="torch"``, eps
             1e-6 as torch) or ``max_norm / max(norm + eps, max_norm)`` (``"max"``).
         overlap: measure the norms while backward runs (:mod:`ampclip.overlap`): ``True`` (post-accumulate-grad
-            hooks, one norm pass per bucket of gradients), a ``DistributedDataParallel`` model (a comm hook
-            measures the reduced buckets), or an :class:`ampclip.Overlap` with settings. ``clip_`` is then a
-            finalize and the scale. Not with ``value_clip``, AGC or FSDP2's DTensor parameters (ValueError,
-            NotImplementedError). Wrap micro-batches that need no measuring in :meth:`no_measure`.
+            hooks, one norm pass per bucket of gradients; under FSDP2 on the reduced local shards), a
+            ``DistributedDataParallel`` model (a comm hook measures the reduced buckets), or an
+            :class:`ampclip.Overlap` with settings. ``clip_`` is then a finalize and the scale. Not with
+            ``value_clip`` or AGC (ValueError). Wrap micro-batches that need no measuring in :meth:`no_measure`.
 
     Example::
 
@@ -312,14 +312,14 @@ class FusedClipper:
         indices, grads = ops.present_grads(self.params)
         if self.strategy.own_passes:
             return self._clip_by_strategy(inv, indices, grads, max_norm)
-        shards = distributed.sharded(grads)
-        if shards is not None:
-            grads = shards.locals
         if not grads:
             return self._no_gradients()
         clamp = self.value_clip
         measured = None if self._meter is None or clamp is not None else self._meter.take(indices, grads, inv,
                                                                                              self.norm_type)
+        shards = distributed.sharded(grads)
+        if shards is not None:
+            grads = shards.locals
         known = self._known_bound(max_norm) if measured is None and shards is None else None
         grad_scale = None
         if known is not None:  # the bound is known before the norms: one pass measures and finds the coefficient

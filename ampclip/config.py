@@ -34,7 +34,7 @@ class AMPConfig:
     * loss-scaler settings, ``grad_accumulation_steps``, ``nan_recovery_strategy`` ("skip",
       "reduce_scale", "clip" or "rollback").
     * ``overlap_clip``: measure the gradient norms while backward runs (:mod:`ampclip.overlap`): "auto" on a
-      GPU where it applies (one process, or DDP without a comm hook of its own; not FSDP2, a value clamp or AGC),
+      GPU where it applies (one process, FSDP2, or DDP without a comm hook of its own; not a value clamp or AGC),
       True (also on a CPU; an error where it does not apply), False (measure after backward).
     """
 

@@ -12,6 +12,10 @@ when the scale is deferred into a fused optimizer).
   (some member unused in this backward) are measured as they are.
 * DDP (``overlap=ddp_model``): a comm hook that runs the all-reduce (or your own comm hook) and takes the norm
   pass of the *reduced* bucket in the future's callback; every rank gets the same norms.
+* FSDP2 (``overlap=True`` on the sharded DTensor parameters): FSDP2 calls the sharded parameters'
+  post-accumulate-grad hooks right after its reduce-scatter has written (or added to) their gradients, on the
+  stream that wrote them, so the same hooks take the partials of the local shards of the *reduced* gradients.
+  The clip reduces them over the mesh with one all-reduce, as it does for the shards it measures itself.
 * Every backward starts a new round: what the last backward measured stands (gradient accumulation
   re-measures the accumulated gradients). A parameter that had a gradient but whose hook did not fire in the
   last backward (unused in it, or a gradient set by hand) is measured at the end of backward.
@@ -22,7 +26,7 @@ when the scale is deferred into a fused optimizer).
 
 Only norms that do not depend on ``inv_scale`` other than through a factor can be taken early: a value clamp
 (``value_clip``, the "value" strategy) and a strategy with passes of its own (AGC, whose bounds come from
-the parameters) are refused, and so are FSDP2's sharded (DTensor) parameters.
+the parameters) are refused.
 """
 
 from __future__ import annotations
@@ -97,10 +101,6 @@ def refusal(params, strategy, spec: Overlap) -> Optional[Exception]:
         return ValueError("overlap cannot take a value clamp (value_clip, the 'value' strategy): the clamp applies "
                           "to the unscaled values, so the norm of the clamped gradients is not the scaled norm "
                           "times inv_scale; use overlap=False")
-    if any(distributed.is_dtensor(p) for p in params):
-        return NotImplementedError("overlap does not take FSDP2's sharded (DTensor) parameters: their gradients "
-                                   "are set by the reduce-scatter after the parameters' hooks; the clip measures "
-                                   "the local shards after backward with one all-reduce (use overlap=False)")
     if len({id(p) for p in params}) != len(params):
         return ValueError("overlap measures each parameter once: a parameter appears twice in the clipper's list")
     if spec.ddp is not None:
@@ -190,6 +190,7 @@ class Meter:
         self.backend = backend
         self.device = params[0].device
         self.ddp = spec.ddp is not None
+        self._sharded = distributed.is_dtensor(params[0])  # FSDP2: the kernels read the local shards
         self._acc = ops.accumulation_dtype(params)
         self._paused = 0
         self._round: Optional[_Round] = None
@@ -210,7 +211,7 @@ class Meter:
             if not p.requires_grad:
                 continue
             current.append(i)
-            size += p.numel() * p.element_size()
+            size += distributed.local(p.detach()).numel() * p.element_size()
             if size >= cap:
                 members.append(current[::-1])  # ascending: the buckets, last first, list the parameters in order
                 current, size = [], 0
@@ -253,6 +254,7 @@ class Meter:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self._sharded = distributed.is_dtensor(self.params[0])
         self._acc, self._paused, self._round, self._handles = ops.accumulation_dtype(self.params), 0, None, []
         self._index_cache, self._members = {}, []
 
@@ -292,8 +294,10 @@ class Meter:
     def _flush(self, r: _Round, members: list[int], bucket: int = -1) -> None:
         """One norm pass over the gradients of ``members`` (all of bucket ``bucket``, or -1 for another set)."""
         params = self.params
-        per_tensor, _, found = ops.norm_pass([params[i].grad for i in members], None, self.norm_type,
-                                             backend=self.backend)
+        grads = [params[i].grad for i in members]
+        if self._sharded:
+            grads = [g.to_local() for g in grads]
+        per_tensor, _, found = ops.norm_pass(grads, None, self.norm_type, backend=self.backend)
         r.parts.append((bucket, self._index(members), per_tensor, found))
 
     def _on_bucket(self, bucket, fut):

@@ -1,6 +1,6 @@
 """Norms measured during backward (FusedClipper(..., overlap=...)) against torch on a twin model: one process
 with tied, unused and frozen parameters, gradient accumulation, the loss scaler beside torch's GradScaler,
-DDP on two gloo processes; the clip after backward launches no norm pass; what overlap refuses."""
+DDP and FSDP2 on two gloo processes; the clip after backward launches no norm pass; what overlap refuses."""
 
 import contextlib
 import copy
@@ -485,15 +485,6 @@ def _ddp_worker(rank, world_size, port, results):
                     ampclip.FusedClipper(twin.parameters(), overlap=twin)
                 except RuntimeError as exc:
                     out["refused"] = str(exc)
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Shard, distribute_tensor
-
-        mesh = init_device_mesh("cpu", (world_size,))
-        sharded = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 2), mesh, [Shard(0)]))
-        try:
-            ampclip.FusedClipper([sharded], overlap=True)
-        except NotImplementedError as exc:
-            out["fsdp"] = str(exc)
         results[rank] = out
 
 
@@ -508,5 +499,125 @@ def test_ddp_on_two_processes_equals_torch_on_a_twin_model():
                 for none, twin_none, err in grads:
                     assert none == twin_none and (err is None or err <= 1e-6), case
         assert "comm hook" in out["refused"] and "Overlap(ddp_model, comm_hook=" in out["refused"]
-        assert "DTensor" in out["fsdp"]
     assert results[0]["allreduce"][0][0] == results[1]["allreduce"][0][0]  # every rank: the same norm
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2
+def _fsdp_models(base):
+    """Two FSDP2 copies of ``base``: its hidden and unused layers sharded on their own, the rest (the tied
+    embedding and head, the frozen layer) by the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    models = []
+    for _ in range(2):
+        model = copy.deepcopy(base)
+        fully_shard(model.hidden)
+        fully_shard(model.unused)
+        models.append(fully_shard(model))
+    return models
+
+
+def _local_errors(model, twin):
+    """Per parameter: (no grad, twin has no grad, max |difference| / max |twin|) on this rank's shards."""
+    rows = []
+    for p, q in zip(model.parameters(), twin.parameters()):
+        if p.grad is None or q.grad is None:
+            rows.append((p.grad is None, q.grad is None, None))
+            continue
+        a, b = p.grad.to_local(), q.grad.to_local()
+        scale = b.abs().max().item() or 1.0
+        rows.append((False, False, (a - b).abs().max().item() / scale))
+    return rows
+
+
+def _fsdp_worker(rank, world_size, port, results):
+    with gloo_worker(rank, world_size, port, results):
+        torch.manual_seed(0)
+        base = Net()
+        out = {}
+        # "sync": the reduce-scatter runs every micro-batch and adds into the sharded gradients, the micro-batches
+        # but the last under no_measure; "no-sync": FSDP2 keeps the unsharded sums and reduces at the last one
+        for case, bucket_cap_mb, mode in (("sync", TINY_MB, "global"), ("no-sync", ampclip.overlap.DEFAULT_BUCKET_MB,
+                                                                         "global"), ("sync", TINY_MB, "per_tensor")):
+            ours, twin = _fsdp_models(base)
+            clipper = ampclip.FusedClipper(ours.parameters(), max_norm=0.3, mode=mode,
+                                           overlap=ampclip.Overlap(bucket_cap_mb=bucket_cap_mb))
+            after = ampclip.FusedClipper(twin.parameters(), max_norm=0.3, mode=mode)  # the clip after backward
+            rows = []
+            for step in range(3):
+                inf_step = step == 2
+                for micro in range(4):
+                    last = micro == 3
+                    # ours: the loss scaled by 4, and on the last micro-batch of the last step inf on rank 1 only
+                    poison = math.inf if inf_step and last and rank == 1 else 1.0
+                    data = batch(100 * step + 10 * rank + micro)
+                    for model, factor in ((ours, 4.0 * poison), (twin, 1.0)):
+                        if case == "no-sync":
+                            model.set_requires_gradient_sync(last)
+                        with contextlib.nullcontext() if last or model is twin else clipper.no_measure():
+                            (loss_of(model, data) * factor).backward()
+                stats, names = clip_recorded(clipper, inv_scale=torch.tensor(0.25))
+                if inf_step:
+                    rows.append(("inf", stats.found_inf.item(), norm_passes(names)))
+                else:  # torch's norm of the twin's DTensor gradients, and the clip after backward on them
+                    grads = [q.grad for q in twin.parameters() if q.grad is not None]
+                    rows.append(("torch", torch.nn.utils.get_total_norm(grads).full_tensor().item(),
+                                 stats.total_norm.item()))
+                    want = after.clip_()
+                    rows.append((stats.total_norm.item(), want.total_norm.item(), norm_passes(names),
+                                 (stats.per_tensor_norms - want.per_tensor_norms).abs().max().item()
+                                 / want.per_tensor_norms.abs().max().item(), _local_errors(ours, twin)))
+                for model in (ours, twin):
+                    model.zero_grad(set_to_none=True)
+            out[(case, mode)] = rows
+        results[rank] = out
+
+
+def test_fsdp2_on_two_processes_measures_the_reduced_shards_and_equals_the_clip_after_backward():
+    results = run_two_processes(_fsdp_worker)
+    for rank in (0, 1):
+        for key, rows in results[rank].items():
+            for row in rows:
+                if row[0] == "inf":  # rank 1's inf reaches rank 0 through the clip's all-reduce
+                    assert row[1] == 1.0 and row[2] == 0, (key, row)
+                elif row[0] == "torch":
+                    assert abs(row[1] - row[2]) <= 1e-6 * row[1], (key, row)
+                else:
+                    total, want, passes, norm_error, grads = row
+                    assert passes == 0, key  # measured on the reduce-scatter's output, during backward
+                    assert abs(total - want) <= 1e-6 * want and norm_error <= 1e-6, (key, row)
+                    for none, twin_none, err in grads:
+                        assert none == twin_none and (err is None or err <= 1e-6), (key, grads)
+    assert results[0][("sync", "global")][0][0] == results[1][("sync", "global")][0][0]
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_fsdp2_measures_on_its_reduce_scatter_stream_and_equals_the_clip_after_backward():
+    # One rank (nccl): FSDP2 still reduces on its own stream and calls the hooks there, so this checks that the
+    # partials written on that stream are what the clip reads on the current one.
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(10)
+        base = Net().cuda()
+        ours, twin = _fsdp_models(base)
+        clipper = ampclip.FusedClipper(ours.parameters(), max_norm=0.3, overlap=ampclip.Overlap(bucket_cap_mb=TINY_MB))
+        after = ampclip.FusedClipper(twin.parameters(), max_norm=0.3)
+        for step in range(3):
+            for micro in range(2):
+                ids, targets, _ = batch(80 + 2 * step + micro)
+                data = (ids.cuda(), targets.cuda(), 1.0)
+                with contextlib.nullcontext() if micro else clipper.no_measure():
+                    loss_of(ours, data).backward()
+                loss_of(twin, data).backward()
+            stats, names = clip_recorded(clipper)
+            want = after.clip_()
+            assert norm_passes(names) == 0
+            assert abs(stats.total_norm.item() - want.total_norm.item()) <= 1e-5 * want.total_norm.item()
+            for (none, twin_none, err) in _local_errors(ours, twin):
+                assert none == twin_none and (err is None or err <= 1e-5)
+            for model in (ours, twin):
+                model.zero_grad(set_to_none=True)
+    finally:
+        dist.destroy_process_group()
