@@ -361,9 +361,9 @@ class FusedClipper:
 
     def _known_bound(self, max_norm: BoundOverride) -> Optional[float]:
         """The step's bound as a number when it is known before the norms (the strategy's fixed bound, or a
-        number given for this call), the mode computes its coefficient in the norm pass (global or per tensor)
-        and the backend does so in one launch (``ops.fuses_coefficient``); else None."""
-        if self.mode == "per_group" or not ops.fuses_coefficient(self.backend):
+        number given for this call) and the backend computes this mode's coefficient in its norm pass, one
+        launch (``ops.fuses_coefficient``); else None."""
+        if not ops.fuses_coefficient(self.backend, self.mode):
             return None
         if max_norm is None:
             return self.strategy.fixed_bound()

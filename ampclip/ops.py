@@ -365,11 +365,11 @@ def resolve_backend(name: Optional[str], device) -> str:
     return name
 
 
-def fuses_coefficient(name: str) -> bool:
-    """Whether backend ``name`` computes a clip's coefficient in its norm pass (``clip_norm_pass`` is one launch
-    of its own): then a clip whose bound is known is two passes; else the norm pass, ``clip_finalize`` and the
-    scale pass."""
-    return _impl(name).fuses_coefficient
+def fuses_coefficient(name: str, mode: str = "global") -> bool:
+    """Whether backend ``name`` computes a ``mode`` clip's coefficient in its norm pass (``clip_norm_pass`` is
+    one launch of its own): then a clip whose bound is known is two passes; else the norm pass,
+    ``clip_finalize`` and the scale pass."""
+    return mode in _impl(name).fused_clip_modes
 
 
 def runs_on(name: str, device) -> bool:

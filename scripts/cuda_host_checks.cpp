@@ -120,14 +120,28 @@ void table_checks() {
                "codes must be a CPU tensor");
 }
 
+// The ticket counters of the 3-tensor table: int32 [T + 1].
+at::Tensor tickets_of(int64_t n = 4) { return at::zeros({n}, at::TensorOptions().dtype(at::kInt)); }
+
 checks::NormPlan norm_plan(double norm_type, const std::optional<at::Tensor>& inv_scale = std::nullopt,
                            std::optional<double> lo = std::nullopt, std::optional<double> hi = std::nullopt,
-                           bool fp64 = false) {
+                           bool fp64 = false, const at::Tensor& tickets = tickets_of(), int64_t num_filled = 3) {
   TableArgs t;
   checks::Problem problem;
   return checks::required(checks::check_norm_pass(t.ptrs, t.numels, t.codes, t.chunk_begin, t.chunk_tensor, t.chunk,
-                                                  fp64, inv_scale, norm_type, lo, hi, problem, kHere),
+                                                  fp64, tickets, num_filled, inv_scale, norm_type, lo, hi, problem,
+                                                  kHere),
                           problem);
+}
+
+checks::NormPlan clip_plan(double max_norm, double eps = 1e-6, int64_t rule = 0) {
+  TableArgs t;
+  checks::Problem problem;
+  return checks::required(
+      checks::check_clip_norm_pass(t.ptrs, t.numels, t.codes, t.chunk_begin, t.chunk_tensor, t.chunk, false,
+                                   tickets_of(), 3, std::nullopt, 2.0, std::nullopt, std::nullopt, max_norm, eps, rule,
+                                   problem, kHere),
+      problem);
 }
 
 // A failed check throws nothing: it returns no plan and says why in the Problem, which the Python entries turn
@@ -188,6 +202,28 @@ void norm_checks() {
   expect_error("inv_scale device", [] { norm_plan(2.0, on_meta({}, at::kFloat)); }, "inv_scale must be a CPU");
   expect_error("clamp reversed", [] { norm_plan(2.0, std::nullopt, 1.0, -1.0); }, "must not exceed clamp_max");
   expect_error("clamp NaN", [] { norm_plan(2.0, std::nullopt, std::nan(""), 1.0); }, "clamp_min is NaN");
+  // the ticket counters and the count of tensors that draw the launch's ticket
+  const auto nil = std::nullopt;
+  expect_ok("one tensor with a chunk", [&] { norm_plan(2.0, nil, nil, nil, false, tickets_of(), 1); });
+  expect_error("tickets int64", [&] { norm_plan(2.0, nil, nil, nil, false, longs(4)); }, "tickets must be int32");
+  expect_error("tickets size", [&] { norm_plan(2.0, nil, nil, nil, false, tickets_of(3)); },
+               "tickets must be a contiguous 1-D tensor of 4 counters");
+  expect_error("tickets device", [&] { norm_plan(2.0, nil, nil, nil, false, on_meta({4}, at::kInt)); },
+               "tickets must be a CPU");
+  expect_error("num_filled 0 with chunks", [&] { norm_plan(2.0, nil, nil, nil, false, tickets_of(), 0); },
+               "num_filled (the tensors that own a chunk) must be in [1, 3]");
+  expect_error("num_filled above T", [&] { norm_plan(2.0, nil, nil, nil, false, tickets_of(), 4); },
+               "must be in [1, 3]");
+  // a clip's own arguments
+  expect_ok("clip arguments", [&] {
+    clip_plan(1.0);
+    clip_plan(inf, 0.0, 1);
+    clip_plan(0.0);
+  });
+  expect_error("max_norm negative", [] { clip_plan(-1.0); }, "max_norm must be >= 0");
+  expect_error("max_norm NaN", [] { clip_plan(std::nan("")); }, "max_norm must be >= 0");
+  expect_error("eps inf", [&] { clip_plan(1.0, inf); }, "eps must be finite");
+  expect_error("rule 2", [] { clip_plan(1.0, 1e-6, 2); }, "rule must be 0");
 }
 
 checks::ScalePlan scale_plan(const at::Tensor& coef, const std::optional<at::Tensor>& found_inf = std::nullopt,

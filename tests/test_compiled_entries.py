@@ -234,20 +234,34 @@ def test_results_are_owned_once():
 
 # ------------------------------------------------------------------------------------------------ the CUDA entries
 
-CUDA_ENTRIES = ["cuda_norm_pass", "cuda_scale_pass", "cuda_clip_finalize"]
+CUDA_ENTRIES = ["cuda_norm_pass", "cuda_clip_norm_pass", "cuda_scale_pass", "cuda_clip_finalize"]
+needs_cuda_entries = pytest.mark.skipif(_C is None or not hasattr(_C, "cuda_norm_pass"),
+                                        reason="built without the CUDA kernels")
 
 
-@pytest.mark.skipif(_C is None or not hasattr(_C, "cuda_norm_pass"), reason="built without the CUDA kernels")
+@needs_cuda_entries
 @pytest.mark.parametrize("kind", list(BAD_KINDS))
 def test_the_cuda_entries_refuse_bad_input_without_a_crash(kind):
     # CPU tensors stand for the wrong device; every kind of bad section or scalar is a clear error, not a fault
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sections = [torch.zeros(n, dtype=torch.int64, device=device) for n in (2, 2, 2, 3, 1)]
-    sections[1] = BAD_KINDS[kind](sections[1].cpu())
+    good = [torch.zeros(n, dtype=torch.int64, device=device) for n in (2, 2, 2, 3, 1)]
+    tickets = torch.zeros(3, dtype=torch.int32, device=device)
+    sections = [good[0], BAD_KINDS[kind](good[1].cpu()), *good[2:]]
     with pytest.raises((TypeError, ValueError)):
-        _C.cuda_norm_pass(*sections, 32768, False, None, 2.0, None, None)
+        _C.cuda_norm_pass(*sections, 32768, False, tickets, 1, None, 2.0, None, None)
+    with pytest.raises((TypeError, ValueError)):
+        _C.cuda_clip_norm_pass(*sections, 32768, False, tickets, 1, None, 2.0, None, None, 1.0, 1e-6, 0)
+    with pytest.raises((TypeError, ValueError)):  # the ticket counters are checked like every other tensor
+        _C.cuda_norm_pass(*good, 32768, False, BAD_KINDS[kind](tickets.cpu().float()), 1, None, 2.0, None, None)
     with pytest.raises((TypeError, ValueError)):
         _C.cuda_scale_pass([], *sections, 32768, torch.ones((), device=device), None, None, None, None, False)
     with pytest.raises((TypeError, ValueError)):
         _C.cuda_clip_finalize(BAD_KINDS[kind](torch.rand(3)), torch.tensor(1.0), torch.tensor(1.0), 0, None, 0, 2.0,
                               1e-6, 0)
+
+
+@needs_cuda_entries
+@pytest.mark.parametrize("name", CUDA_ENTRIES)
+def test_the_cuda_entries_refuse_a_wrong_number_of_arguments(name):
+    with pytest.raises(TypeError, match=name):
+        getattr(_C, name)(torch.zeros(1))

@@ -38,6 +38,13 @@ class FakeExtension:
         dtype = torch.float64 if fp64 else torch.float32
         return torch.zeros(n, dtype=dtype), torch.zeros((), dtype=dtype), torch.zeros(())
 
+    def cuda_clip_norm_pass(self, *args):
+        self.calls.append(("clip_norm_pass", args))
+        per_tensor, total, found_inf = self.cuda_norm_pass(*args[:13])
+        self.calls.pop()
+        one = torch.ones((), dtype=total.dtype)
+        return per_tensor, total, found_inf, one, total.clone(), one.clone()
+
     def cuda_scale_pass(self, grads, *args):
         self.calls.append(("scale_pass", (grads, *args)))
         for ptr in args[0].tolist():
@@ -110,7 +117,7 @@ def test_norm_pass_passes_exact_sections_and_converted_scalars():
     per_tensor, total, found_inf = cuda_backend.CudaBackend(fake).norm_pass(
         grads, torch.tensor(0.5, dtype=torch.float64), 3, (-1.0, 2.0))
     (name, args), = fake.calls
-    ptrs, numels, codes, chunk_begin, chunk_tensor, chunk, fp64, inv, norm_type, lo, hi = args
+    ptrs, numels, codes, chunk_begin, chunk_tensor, chunk, fp64, tickets, num_filled, inv, norm_type, lo, hi = args
     table = tensor_table.tensor_table(grads)
     n, c = len(grads), table.num_chunks
     lengths = (ptrs.numel(), numels.numel(), codes.numel(), chunk_begin.numel(), chunk_tensor.numel())
@@ -122,6 +129,9 @@ def test_norm_pass_passes_exact_sections_and_converted_scalars():
     assert chunk_tensor.tolist() == [0, 0, 0, 1, 3, 4]
     assert [code & 3 for code in codes.tolist()] == [2, 1, 2, 1, 2]
     assert fp64 is False and norm_type == 3.0 and (lo, hi) == (-1.0, 2.0)
+    # the counters of the finishing blocks: one per tensor and one for the launch, drawn by the 4 that own a chunk
+    assert tickets is table.tickets and tickets.dtype == torch.int32 and tickets.shape == (n + 1,)
+    assert num_filled == 4
     assert inv.dtype == torch.float32 and inv.item() == 0.5  # the kernels read a float32 inv_scale
     assert per_tensor.shape == (n,) and total.shape == () and found_inf.shape == ()
     # staging copies the current values in before every pass
@@ -133,7 +143,7 @@ def test_norm_pass_without_unscale_or_clamp_and_with_fp64():
     cuda_backend.CudaBackend(fake).norm_pass([torch.randn(5, dtype=torch.float64), torch.randn(3)], None, math.inf,
                                              None)
     args = fake.calls[0][1]
-    assert args[6] is True and args[7] is None and args[8] == math.inf and args[9:] == (None, None)
+    assert args[6] is True and args[8] == 2 and args[9] is None and args[10] == math.inf and args[11:] == (None, None)
     with pytest.raises(ValueError, match="norm_type"):
         cuda_backend.CudaBackend(fake).norm_pass([torch.randn(5)], None, 0.0, None)
 
@@ -195,6 +205,33 @@ def test_clip_finalize_passes_the_bound_as_a_float64_device_tensor():
     assert fake.calls[-1][1][2] is bound  # float32 on the device already: no copy
 
 
+def test_a_global_clip_is_one_call_and_a_per_tensor_one_the_norm_pass_and_the_finalize():
+    fake = FakeExtension()
+    adapter = cuda_backend.CudaBackend(fake)
+    grads = random_grads([(5,), (0,), (70000,)])
+    out = adapter.clip_norm_pass(grads, torch.tensor(0.25), 2.0, None, 0.75, 0, 1e-6, 1)
+    (name, args), = fake.calls
+    assert name == "clip_norm_pass" and len(out) == 6
+    table = tensor_table.tensor_table(grads)
+    assert args[7] is table.tickets and args[8] == 2 and args[9].item() == 0.25 and args[10] == 2.0
+    assert args[13:] == (0.75, 1e-6, 1)  # the bound, eps and rule as numbers: no device scalar to fill
+    fake.calls.clear()
+    adapter.clip_norm_pass(grads, None, 2.0, None, 0.75, 1, 1e-6, 0)
+    assert [name for name, _ in fake.calls] == ["norm_pass", "clip_finalize"]
+
+
+def test_clip_finalize_fills_a_number_bound_once():
+    fake = FakeExtension()
+    adapter = cuda_backend.CudaBackend(fake)
+    per_tensor, total = torch.tensor([3.0, 4.0]), torch.tensor(5.0)
+    for _ in range(2):
+        adapter.clip_finalize(per_tensor, total, 0.5, 2, torch.tensor([0, 1]), 2, 2.0, 1e-6, 0)
+    first, second = fake.calls[0][1][2], fake.calls[1][1][2]
+    assert first is second and first.item() == 0.5  # the same device scalar: no fill in steady state
+    adapter.clip_finalize(per_tensor, total, 0.25, 2, torch.tensor([0, 1]), 2, 2.0, 1e-6, 0)
+    assert fake.calls[-1][1][2].item() == 0.25
+
+
 def test_clip_finalize_falls_back_to_the_reference_where_the_kernel_cannot_go():
     fake = FakeExtension()
     adapter = cuda_backend.CudaBackend(fake)
@@ -227,3 +264,84 @@ def test_the_contract_tests_skip_the_cuda_backend_on_cpu_tensors():
 
 
 # --------------------------------------------------------------------------------------------------- GPU
+
+needs_cuda_kernels = pytest.mark.skipif(not (torch.cuda.is_available() and ops.available_backends()["cuda"]),
+                                        reason="needs a GPU and ampclip._C built with the CUDA kernels")
+
+
+def _steady_launches(fn):
+    """``(kernels the CUDA functions launched, aten ops that launch a kernel)`` in one call of ``fn``, after a
+    first call that builds its tables and caches."""
+    from helpers import counted_launches
+
+    fn()
+    before = cpp._C.cuda_launch_count()
+    with counted_launches() as aten:
+        fn()
+    return cpp._C.cuda_launch_count() - before, aten
+
+
+def _cuda_params(count):
+    params = [torch.nn.Parameter(torch.randn(7, device="cuda")) for _ in range(count)]
+    for p in params:
+        p.grad = torch.randn(7, device="cuda") * 10
+    return params
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize("tensors", [3, 64])
+def test_gpu_a_clip_is_two_launches_three_per_tensor_and_per_group_one_deferred(tensors):
+    import ampclip
+
+    params = _cuda_params(tensors)
+    inv = torch.tensor(0.5, device="cuda")
+    assert _steady_launches(lambda: ampclip.clip_grad_norm_(params, 1.0, backend="cuda")) == (2, [])
+    want = {"global": 2, "per_tensor": 3, "per_group": 3}  # norm pass (+ clip_finalize per tensor or group) + scale
+    for mode, launches in want.items():
+        groups = [params[::2], params[1::2]] if mode == "per_group" else None
+        clipper = ampclip.FusedClipper(params, max_norm=1.0, mode=mode, groups=groups, backend="cuda")
+        assert _steady_launches(lambda clipper=clipper: clipper.clip_(inv)) == (launches, []), mode
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    clipper = ampclip.FusedClipper(params, max_norm=1.0, backend="cuda")
+    assert _steady_launches(lambda: clipper.clip_(inv, defer_to=optimizer)) == (1, [])
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0], ids=["p2", "p1", "pinf", "p3"])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16, torch.float16), (torch.float64, torch.float32)],
+                         ids=["mixed", "fp64"])
+def test_gpu_the_fused_clip_equals_the_norm_pass_then_the_finalize_and_leaves_its_counters_at_zero(norm_type, dtypes):
+    grads = [g.cuda() for g in random_grads([(3,), (0,), (70000,), (33, 17), (0,), (1,), (200000,)], dtypes, seed=5)]
+    inv = torch.tensor(0.25, device="cuda")
+    exact = reference.exact_norm([g.cpu() for g in grads], norm_type, inv.cpu())
+    max_norm = 0.5 * exact
+    out = ops.clip_norm_pass(grads, inv, norm_type, max_norm=max_norm, backend="cuda")
+    per, total, found, coef, post, grad_scale = out
+    per2, total2, found2 = ops.norm_pass(grads, inv, norm_type, backend="cuda")
+    coef2, _, _, post2 = ops.clip_finalize(per2, total2, max_norm, "global", norm_type=norm_type, backend="cuda")
+    for a, b in ((per, per2), (total, total2), (found, found2), (coef, coef2), (post, post2)):
+        assert bitwise_equal(a, b), (a, b)
+    assert found.item() == 0.0 and 0 < coef.item() < 1
+    assert abs(total.item() - exact) <= 1e-5 * exact
+    assert bitwise_equal(grad_scale.cpu(), (inv.cpu().to(coef.dtype) * coef.cpu()).reciprocal())
+    table = tensor_table.tensor_table(grads)
+    assert int(table.tickets.abs().sum()) == 0, table.tickets  # every finisher reset its counter
+    again = ops.clip_norm_pass(grads, inv, norm_type, max_norm=max_norm, backend="cuda")
+    assert all(bitwise_equal(a, b) for a, b in zip(out, again))  # deterministic, counters ready for the next
+    # inf in the first element of the largest tensor: found, and torch's coefficient of an inf norm
+    grads[-1][0] = math.inf
+    _, total, found, coef, _, _ = ops.clip_norm_pass(grads, inv, norm_type, max_norm=max_norm, backend="cuda")
+    assert found.item() == 1.0 and math.isinf(total.item()) and coef.item() == 0.0
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+def test_gpu_a_list_of_zero_size_tensors_is_one_launch_of_zero_norms():
+    grads = [torch.zeros(0, device="cuda"), torch.zeros(3, 0, device="cuda")]
+    launches, aten = _steady_launches(lambda: ops.clip_norm_pass(grads, max_norm=1.0, backend="cuda"))
+    assert (launches, aten) == (1, [])
+    per, total, found, coef, post, grad_scale = ops.clip_norm_pass(grads, max_norm=1.0, backend="cuda")
+    assert per.tolist() == [0.0, 0.0] and total.item() == 0.0 and found.item() == 0.0
+    assert coef.item() == 1.0 and post.item() == 0.0 and grad_scale.item() == 1.0

@@ -43,16 +43,17 @@ class Backend:
         priority: the backend with the highest priority that runs on a device is the default there.
         validates_inputs: it checks dtypes, layouts and devices itself before writing anything (else
             ``ops`` checks them in Python first).
-        fuses_coefficient: its ``clip_norm_pass`` is one pass of its own (the GPU backends' last-block norm
-            pass), so a clip takes it; else a clip runs the norm pass and ``clip_finalize``, as the default
-            ``clip_norm_pass`` would, without computing a ``grad_scale`` it does not need.
+        fused_clip_modes: the clip modes ("global", "per_tensor") whose ``clip_norm_pass`` is one pass of its
+            own (the GPU backends' last-block norm pass), so a clip takes it; in the others a clip runs the
+            norm pass and ``clip_finalize``, as the default ``clip_norm_pass`` would, without computing a
+            ``grad_scale`` it does not need.
     """
 
     name: str = ""
     device_types: frozenset = frozenset()
     priority: int = 0
     validates_inputs: bool = False
-    fuses_coefficient: bool = False
+    fused_clip_modes: frozenset = frozenset()
 
     def runs_on(self, device: torch.device) -> bool:
         return device.type in self.device_types

@@ -1,6 +1,8 @@
-"""The ``cuda`` backend: the CUDA C++ kernels of ``csrc/cuda/`` (``cuda_norm_pass``, ``cuda_scale_pass`` and
-``cuda_clip_finalize``, entries of ``ampclip._C`` when it was built with a CUDA toolkit and a CUDA build of
-torch), on CUDA tensors, for sm_80 and newer.
+"""The ``cuda`` backend: the CUDA C++ kernels of ``csrc/cuda/`` (``cuda_norm_pass``, ``cuda_clip_norm_pass``,
+``cuda_scale_pass`` and ``cuda_clip_finalize``, entries of ``ampclip._C`` when it was built with a CUDA toolkit
+and a CUDA build of torch), on CUDA tensors, for sm_80 and newer. A global clip is two launches: the norm
+pass, whose last block computes the coefficient, and the scale pass; per tensor, three (the norm pass,
+clip_finalize and the scale pass).
 
 The default on CUDA tensors where Triton cannot be imported (its priority is below the ``triton`` backend's);
 ``backend="cuda"`` picks it anywhere it is built. Like the Triton adapter, this one owns what the kernels
@@ -39,19 +41,31 @@ class CudaBackend(Backend):
     device_types = frozenset({"cuda"})
     priority = 15  # below triton (20): Triton is the default on CUDA tensors wherever it can be imported
     validates_inputs = True  # the table checks dtypes, layouts and devices; the C++ host functions the rest
+    fused_clip_modes = frozenset({"global"})  # in the norm pass's last block (fused_clip_cuda.cu)
 
     def __init__(self, ext):
         self._C = ext
+        self._bounds: dict = {}  # a number bound of clip_finalize as a device scalar, made once
 
-    def norm_pass(self, grads, inv_scale, norm_type, clamp):
+    def _norm_args(self, grads, inv_scale, norm_type, clamp) -> tuple:
+        """The arguments every norm pass takes: the table (its non-contiguous tensors staged), its ticket
+        counters, the scale, the norm and the clamp."""
         if not norm_type > 0:
             raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
         table = tensor_table(grads)
         table.stage_in(grads)
-        device = table.buffer.device
         lo, hi = clamp if clamp is not None else (None, None)
-        return self._C.cuda_norm_pass(*table.exact_sections(), table.chunk, table.has_fp64,
-                                      _float32(inv_scale, device), float(norm_type), lo, hi)
+        return (*table.exact_sections(), table.chunk, table.has_fp64, table.tickets, table.num_filled,
+                _float32(inv_scale, table.buffer.device), float(norm_type), lo, hi)
+
+    def norm_pass(self, grads, inv_scale, norm_type, clamp):
+        return self._C.cuda_norm_pass(*self._norm_args(grads, inv_scale, norm_type, clamp))
+
+    def clip_norm_pass(self, grads, inv_scale, norm_type, clamp, max_norm, mode, eps, rule):
+        if mode != 0:  # per tensor: the norm pass, then clip_finalize
+            return super().clip_norm_pass(grads, inv_scale, norm_type, clamp, max_norm, mode, eps, rule)
+        return self._C.cuda_clip_norm_pass(*self._norm_args(grads, inv_scale, norm_type, clamp), float(max_norm),
+                                           float(eps), int(rule))
 
     def scale_pass(self, grads, coef, inv_scale, clamp, found_inf, zero_if_inf):
         table = table_to_write(grads, coef, lambda g, c: self.scale_pass(g, c, inv_scale, clamp, found_inf,
@@ -89,18 +103,32 @@ class CudaBackend(Backend):
             bound = max_norm if max_norm.device == device and max_norm.dtype in _FLOATS else max_norm.to(
                 device=device, dtype=torch.float64)
         else:
-            bound = torch.full((), float(max_norm), dtype=torch.float64, device=device)  # a fill kernel: no copy
+            bound = self._bound(float(max_norm), device)
         groups = _on(group_index, device, torch.int64).contiguous() if mode == 2 else None
         return self._C.cuda_clip_finalize(per_tensor.contiguous(), total, bound, int(mode), groups,
                                           int(num_groups) if mode == 2 else 0, float(norm_type), float(eps),
                                           int(rule))
+
+    def _bound(self, value: float, device: torch.device) -> torch.Tensor:
+        """``value`` as a float64 device scalar, filled once (no copy) and kept: a clip with a fixed bound
+        then launches no fill. Never written: the kernel only reads it. Not kept when made during a CUDA
+        graph capture, whose fill runs only when the graph is replayed."""
+        key = (value, device)
+        bound = self._bounds.get(key)
+        if bound is None:
+            bound = torch.full((), value, dtype=torch.float64, device=device)
+            if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                if len(self._bounds) > 64:  # a bound that changes every step (a schedule): keep the cache small
+                    self._bounds.clear()
+                self._bounds[key] = bound
+        return bound
 
 
 def load() -> Backend:
     ext = _cpp._C
     if ext is None:
         raise Unavailable(f"the compiled extension ampclip._C is not loaded ({_cpp.ERROR})")
-    if not hasattr(ext, "cuda_norm_pass"):
+    if not hasattr(ext, "cuda_clip_norm_pass"):
         raise Unavailable("ampclip._C was built without its CUDA kernels (they build with a CUDA toolkit and a CUDA "
                           "build of torch, unless AMPCLIP_SKIP_CUDA_BUILD=1; see docs/install.md)")
     return CudaBackend(ext)

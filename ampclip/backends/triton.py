@@ -29,7 +29,7 @@ class TritonBackend(Backend):
     device_types = frozenset({"cuda"})
     priority = 20
     validates_inputs = True  # the table checks dtypes, layouts and devices when it is built (tensor_table.py)
-    fuses_coefficient = True  # the norm pass's last program computes the coefficient (fused_norm.py)
+    fused_clip_modes = frozenset({"global", "per_tensor"})  # the norm pass's last program (fused_norm.py)
 
     def __init__(self, kernels):
         self._k = kernels

@@ -2,22 +2,25 @@
 // fused_clip_cuda.h for the contract and csrc/cuda/README.md for the table they read).
 //
 // Launches, whatever the number of tensors or their dtypes:
-//   norm_pass     3: norm_chunks_kernel (one block per chunk: a float64 partial and a flag per chunk),
-//                    tensor_finalize_kernel (one warp per tensor: its chunk partials, fixed order),
-//                    total_finalize_kernel (one block: the tensors' accumulators, fixed order).
-//   scale_pass    1: scale_chunks_kernel (one block per chunk, in place).
-//   clip_finalize 1: clip_finalize_kernel (one block).
+//   norm_pass      1: norm_chunks_kernel (one block per chunk: a float64 partial and a flag per chunk; the last
+//                     block of each tensor reduces its partials, the last of those the tensors' accumulators).
+//   clip_norm_pass 1: the same kernel, whose last block also computes the clip coefficient.
+//   scale_pass     1: scale_chunks_kernel (one block per chunk, in place).
+//   clip_finalize  1: clip_finalize_kernel (one block).
+// (A list of zero-size tensors only has no chunk: its norm pass is one block, empty_norm_kernel.)
 //
 // Grid: one block per chunk rather than a persistent grid. A chunk (32768 elements, 64-256 KiB) is far more
-// work than starting a block costs, and the ~48K blocks of GPT-2-1.5B are 45-60 waves of the 800-1,056
-// blocks an H100 keeps resident (6-8 per SM at 32-40 registers), so the last partial wave costs ~2%. Slot c
+// work than starting a block costs, and the ~48K blocks of GPT-2-1.5B are 60-75 waves of the 660-800
+// norm-pass blocks an H100 keeps resident (5-6 per SM at 40-48 registers), so the last partial wave costs ~2%. Slot c
 // of the partials is simply blockIdx.x, every slot is written exactly once, and the scale pass drops a chunk
 // by returning early. A persistent grid would add a loop and a slot mapping for no bandwidth gain.
 //
 // Every scalar (inv_scale, coef, found_inf, max_norm) is read on the device and nothing is copied to the
 // host, so each function is CUDA-graph capturable. Reductions use fixed trees (warp butterflies, then a
-// fixed combine across warps) and fixed strides, never atomics: the same gradients at the same addresses
-// give bitwise identical results run after run.
+// fixed combine across warps) and fixed strides, never floating-point atomics: the same gradients at the
+// same addresses give bitwise identical results run after run. The one atomic is an integer ticket counter
+// (the table's `tickets`) that only decides which block finishes, never the order of a sum; the finishing
+// block resets it, so the counters are zero between launches (and a CUDA graph replays the kernel).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -27,6 +30,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -49,15 +53,11 @@ using namespace math;
 
 constexpr int kWarp = 32;
 // Chunk kernels: 256 threads, each keeping kUnroll 16-byte loads in flight, i.e. 16 KiB per block per step.
-// Six to eight resident blocks on an SM then have 96-128 KiB in flight, several times the ~25 KiB per SM that
-// bandwidth x latency asks for on an H100 (3.35 TB/s x ~1 us / 132 SMs).
+// Five to six resident norm-pass blocks (eight scale-pass ones) on an SM then have 80-128 KiB in flight,
+// several times the ~25 KiB per SM that bandwidth x latency asks for on an H100 (3.35 TB/s x ~1 us / 132 SMs).
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;
-// Per-tensor finalize: one warp per tensor, 8 tensors per block. Most tensors own 1 chunk, the largest of
-// GPT-2-1.5B (the 80M-element embedding) ~2,500: 77 slots per lane.
-constexpr int kFinalizeThreads = 256;
-constexpr int kTensorsPerBlock = kFinalizeThreads / kWarp;
-// One-block kernels (total finalize, clip finalize): 512 threads, 10,000 tensors in 20 strided steps.
+// One-block kernel (clip finalize): 512 threads, 10,000 tensors in 20 strided steps.
 constexpr int kOneBlockThreads = 512;
 // clip_finalize's per-group scan stages this many (norm, group) pairs in shared memory at a time: 12 KiB.
 constexpr int kGroupTile = 1024;
@@ -175,6 +175,27 @@ __device__ double block_reduce(double x, Op op, double identity, double* scratch
   return warp_reduce(x, op);  // every warp reduces the same values in the same tree
 }
 
+// The scaled p-norm of value(i), i in [0, count), over the whole block: a max pass, then a sum pass, both
+// fixed-order. Every thread gets the result.
+template <typename Value>
+__device__ double block_scaled_norm(int64_t count, Value value, const ScaledNorm& norm, double* scratch) {
+  double m = 0.0;
+  bool nan = false;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+    const double x = fabs(value(i));
+    nan |= x != x;
+    m = fmax(m, x);
+  }
+  m = block_reduce(m, Max{}, 0.0, scratch);
+  nan = __syncthreads_or(nan);
+  double sum = 0.0;
+  if (norm.needs_sum(m, nan)) {
+    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) sum += norm.term(fabs(value(i)), m);
+  }
+  sum = block_reduce(sum, Sum{}, 0.0, scratch);
+  return norm.finish(m, sum, nan);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Norm pass: one block per chunk
 // ---------------------------------------------------------------------------------------------------------
@@ -202,12 +223,107 @@ __device__ __forceinline__ void norm_chunk(const Chunk& ch, NormAccumulator<acc_
   if (split.tail + tid < ch.n) acc.add(widen<acc_t>(load_ro(x + split.tail + tid)));
 }
 
+// What the finishing blocks of a norm pass read and write: the ticket counters, the outputs (in out_t, the
+// pass's float32 or float64), the per-tensor scratch, and for a global clip its bound, eps and rule.
+template <typename out_t>
+struct Finish {
+  int* tickets;                // [T + 1]: one counter per tensor, then the launch's; zero between launches
+  const int64_t* chunk_begin;  // [T + 1], the table's
+  int64_t num_tensors;         // T
+  int64_t num_filled;          // tensors that own a chunk (zero-size ones own none and draw no ticket)
+  double inv_p;
+  out_t* norms;                // [T]
+  double* tensor_acc;          // [T] scratch: each tensor's accumulator and flag, for the total
+  double* tensor_flag;
+  out_t* total;
+  float* found_inf;
+  bool clips;                  // a global clip: the outputs below are written
+  double max_norm;
+  double eps;
+  ClipRule rule;
+  out_t* coef;                 // 0-d
+  out_t* post_clip;
+  out_t* grad_scale;
+};
+
+// The last block of the launch: the total and found_inf from the tensors' accumulators (thread i combines
+// tensors i, i + 256, ... in index order, then the block tree), a zero norm for every zero-size tensor, and
+// for a global clip the coefficient, the norm after clipping and grad_scale = 1 / (inv_scale * coef), what a
+// fused optimizer divides the gradients by. The other blocks' values are read from L2 (.cg): their stores were
+// made visible before their tickets were drawn.
+template <NormKind kKind, typename out_t>
+__device__ __forceinline__ void finish_launch(const Finish<out_t>& fin, float inv, double* scratch) {
+  double acc = 0.0;
+  double f = 0.0;
+  for (int64_t t = threadIdx.x; t < fin.num_tensors; t += blockDim.x) {
+    if (fin.chunk_begin[t + 1] == fin.chunk_begin[t]) {  // zero-size: norm 0
+      fin.norms[t] = out_t(0);
+      continue;
+    }
+    acc = combine(kKind, acc, __ldcg(fin.tensor_acc + t));
+    f = fmax(f, __ldcg(fin.tensor_flag + t));
+  }
+  acc = kKind == NormKind::kInf ? block_reduce(acc, Max{}, 0.0, scratch) : block_reduce(acc, Sum{}, 0.0, scratch);
+  f = block_reduce(f, Max{}, 0.0, scratch);
+  if (threadIdx.x == 0) {
+    const auto total = static_cast<out_t>(root(kKind, acc, f, fin.inv_p));
+    *fin.total = total;
+    *fin.found_inf = f > 0.0 ? 1.0f : 0.0f;
+    fin.tickets[fin.num_tensors] = 0;
+    if (fin.clips) {
+      const out_t c = clip_coefficient(total, static_cast<out_t>(fin.max_norm), static_cast<out_t>(fin.eps),
+                                       fin.rule);
+      *fin.coef = c;
+      *fin.post_clip = static_cast<out_t>(fabs(static_cast<double>(total) * static_cast<double>(c)));
+      *fin.grad_scale = out_t(1) / (static_cast<out_t>(inv) * c);
+    }
+  }
+}
+
+// The last block of tensor t's chunks: warp 0 reduces t's chunk slots in a fixed order (lane l combines slots
+// l, l + 32, ... in index order, then a butterfly) into its norm, its
+// accumulator and flag; then the block draws a ticket of the launch, and the last to draw finishes it.
+template <NormKind kKind, typename out_t>
+__device__ __forceinline__ void finish_tensor(int64_t t, const double* partial, const double* flag,
+                                              const Finish<out_t>& fin, float inv, double* scratch) {
+  __shared__ bool last;
+  if (threadIdx.x < kWarp) {
+    const int lane = threadIdx.x;
+    const int64_t end = fin.chunk_begin[t + 1];
+    double acc = 0.0;
+    double f = 0.0;
+    for (int64_t j = fin.chunk_begin[t] + lane; j < end; j += kWarp) {
+      acc = combine(kKind, acc, __ldcg(partial + j));
+      f = fmax(f, __ldcg(flag + j));
+    }
+    acc = kKind == NormKind::kInf ? warp_reduce(acc, Max{}) : warp_reduce(acc, Sum{});
+    f = warp_reduce(f, Max{});
+    if (lane == 0) {
+      fin.norms[t] = static_cast<out_t>(root(kKind, acc, f, fin.inv_p));
+      fin.tensor_acc[t] = acc;
+      fin.tensor_flag[t] = f;
+      fin.tickets[t] = 0;  // every chunk of t has drawn: ready for the next launch
+      __threadfence();     // t's results visible GPU-wide before the launch's ticket
+      last = atomicAdd(fin.tickets + fin.num_tensors, 1) == fin.num_filled - 1;
+    }
+  }
+  __syncthreads();
+  if (last) {
+    __threadfence();
+    finish_launch<kKind>(fin, inv, scratch);
+  }
+}
+
 // Writes partial[c] (sum of |v|^p, or max |v|, in double) and flag[c] (0, kFlagInf or kFlagNan) of chunk
-// c = blockIdx.x. acc_t is float, or double in an fp64 pass; float64 tensors always compute in double.
+// c = blockIdx.x, then draws a ticket of its tensor: the last of the tensor's blocks finishes the tensor
+// (finish_tensor). acc_t is float, or double in an fp64 pass (the outputs' type too); float64 tensors always
+// compute in double.
 template <typename acc_t, NormKind kKind>
 __global__ void __launch_bounds__(kThreads) norm_chunks_kernel(Table table, const float* inv_scale, double lo,
-                                                               double hi, double p, double* partial, double* flag) {
+                                                               double hi, double p, double* partial, double* flag,
+                                                               Finish<acc_t> fin) {
   __shared__ double scratch[kThreads / kWarp];
+  __shared__ bool finisher;
   const int64_t c = blockIdx.x;
   const Chunk ch = locate(table, c);
   const float inv = inv_scale != nullptr ? *inv_scale : 1.0f;  // on the device: the host never waits
@@ -243,55 +359,23 @@ __global__ void __launch_bounds__(kThreads) norm_chunks_kernel(Table table, cons
   if (threadIdx.x == 0) {
     partial[c] = value;
     flag[c] = any_nan ? kFlagNan : any_nonfinite ? kFlagInf : 0.0;
+    __threadfence();  // the slot visible GPU-wide before the ticket
+    const int64_t t = __ldcg(table.chunk_tensor + c);  // read again: nothing of the chunk stays live in the loop
+    finisher = atomicAdd(fin.tickets + t, 1) == fin.chunk_begin[t + 1] - fin.chunk_begin[t] - 1;
+  }
+  __syncthreads();
+  if (finisher) {
+    __threadfence();
+    finish_tensor<kKind>(__ldcg(table.chunk_tensor + c), partial, flag, fin, inv, scratch);
   }
 }
 
-// One warp per tensor: reduces the tensor's chunk slots in a fixed order (lane l sums slots l, l + 32, ... in
-// index order, then a butterfly), writes its norm, and its accumulator and flag for the total. A zero-size
-// tensor owns no slot: norm 0.
-template <typename out_t>
-__global__ void __launch_bounds__(kFinalizeThreads)
-    tensor_finalize_kernel(const double* partial, const double* flag, const int64_t* chunk_begin,
-                           int64_t num_tensors, NormKind kind, double inv_p, out_t* norms, double* tensor_acc,
-                           double* tensor_flag) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kTensorsPerBlock + threadIdx.x / kWarp;
-  if (t >= num_tensors) return;  // whole warps leave: every lane of a remaining warp takes part in the shuffles
-  const int lane = threadIdx.x % kWarp;
-  const int64_t end = chunk_begin[t + 1];
-  double acc = 0.0;
-  double f = 0.0;
-  for (int64_t j = chunk_begin[t] + lane; j < end; j += kWarp) {
-    acc = combine(kind, acc, partial[j]);
-    f = fmax(f, flag[j]);
-  }
-  acc = kind == NormKind::kInf ? warp_reduce(acc, Max{}) : warp_reduce(acc, Sum{});
-  f = warp_reduce(f, Max{});
-  if (lane == 0) {
-    norms[t] = static_cast<out_t>(root(kind, acc, f, inv_p));
-    tensor_acc[t] = acc;
-    tensor_flag[t] = f;
-  }
-}
-
-// One block: the tensors' accumulators into the total norm in a fixed order (thread i sums tensors i, i + 512,
-// ... in index order, then the block tree), their flags into found_inf.
-template <typename out_t>
-__global__ void __launch_bounds__(kOneBlockThreads)
-    total_finalize_kernel(const double* tensor_acc, const double* tensor_flag, int64_t num_tensors, NormKind kind,
-                          double inv_p, out_t* total, float* found_inf) {
-  __shared__ double scratch[kOneBlockThreads / kWarp];
-  double acc = 0.0;
-  double f = 0.0;
-  for (int64_t t = threadIdx.x; t < num_tensors; t += kOneBlockThreads) {
-    acc = combine(kind, acc, tensor_acc[t]);
-    f = fmax(f, tensor_flag[t]);
-  }
-  acc = kind == NormKind::kInf ? block_reduce(acc, Max{}, 0.0, scratch) : block_reduce(acc, Sum{}, 0.0, scratch);
-  f = block_reduce(f, Max{}, 0.0, scratch);
-  if (threadIdx.x == 0) {
-    *total = static_cast<out_t>(root(kind, acc, f, inv_p));
-    *found_inf = f > 0.0 ? 1.0f : 0.0f;
-  }
+// The norm pass of a table of zero-size tensors only (no chunk, so no norm_chunks_kernel): one block finishes
+// it as the last block of a launch would.
+template <typename out_t, NormKind kKind>
+__global__ void __launch_bounds__(kThreads) empty_norm_kernel(const float* inv_scale, Finish<out_t> fin) {
+  __shared__ double scratch[kThreads / kWarp];
+  finish_launch<kKind>(fin, inv_scale != nullptr ? *inv_scale : 1.0f, scratch);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -389,27 +473,6 @@ __global__ void __launch_bounds__(kThreads)
 // Clip finalize: one block
 // ---------------------------------------------------------------------------------------------------------
 
-// The scaled p-norm of value(i), i in [0, count), over the whole block: a max pass, then a sum pass, both
-// fixed-order. Every thread gets the result.
-template <typename Value>
-__device__ double block_scaled_norm(int64_t count, Value value, const ScaledNorm& norm, double* scratch) {
-  double m = 0.0;
-  bool nan = false;
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-    const double x = fabs(value(i));
-    nan |= x != x;
-    m = fmax(m, x);
-  }
-  m = block_reduce(m, Max{}, 0.0, scratch);
-  nan = __syncthreads_or(nan);
-  double sum = 0.0;
-  if (norm.needs_sum(m, nan)) {
-    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) sum += norm.term(fabs(value(i)), m);
-  }
-  sum = block_reduce(sum, Sum{}, 0.0, scratch);
-  return norm.finish(m, sum, nan);
-}
-
 template <typename out_t>
 __global__ void __launch_bounds__(kOneBlockThreads)
     clip_finalize_kernel(const out_t* per_tensor, const out_t* total, const void* max_norm_ptr, bool max_norm_double,
@@ -504,89 +567,126 @@ Table make_table(const at::Tensor& ptrs, const at::Tensor& numels, const at::Ten
           chunk_begin.const_data_ptr<int64_t>(), chunk_tensor.const_data_ptr<int64_t>(), chunk};
 }
 
-template <typename acc_t>
-void launch_norm_chunks(NormKind kind, int64_t num_chunks, cudaStream_t stream, const Table& table,
-                        const float* inv_scale, double lo, double hi, double p, double* partial, double* flag) {
-  const dim3 grid(static_cast<unsigned>(num_chunks));
-  const auto launch = [&](auto kind_tag) {
-    constexpr NormKind kKind = decltype(kind_tag)::value;
-    norm_chunks_kernel<acc_t, kKind><<<grid, kThreads, 0, stream>>>(table, inv_scale, lo, hi, p, partial, flag);
-  };
-  switch (kind) {
-    case NormKind::kL2: launch(std::integral_constant<NormKind, NormKind::kL2>{}); break;
-    case NormKind::kL1: launch(std::integral_constant<NormKind, NormKind::kL1>{}); break;
-    case NormKind::kInf: launch(std::integral_constant<NormKind, NormKind::kInf>{}); break;
-    case NormKind::kP: launch(std::integral_constant<NormKind, NormKind::kP>{}); break;
-  }
+// Every launch of this file, counted (launch_count(): what a test reads to check the launches of a step).
+std::atomic<int64_t> launches{0};
+
+void counted_launch_check() {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launches.fetch_add(1, std::memory_order_relaxed);
 }
 
-template <typename out_t>
-void launch_norm_finalize(NormKind kind, double inv_p, int64_t num_tensors, cudaStream_t stream,
-                          const double* partial, const double* flag, const int64_t* chunk_begin, double* tensor_acc,
-                          double* tensor_flag, at::Tensor& per_tensor, at::Tensor& total, at::Tensor& found_inf) {
-  const auto blocks = static_cast<unsigned>((num_tensors + kTensorsPerBlock - 1) / kTensorsPerBlock);
-  tensor_finalize_kernel<out_t><<<blocks, kFinalizeThreads, 0, stream>>>(
-      partial, flag, chunk_begin, num_tensors, kind, inv_p, per_tensor.mutable_data_ptr<out_t>(), tensor_acc,
-      tensor_flag);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  total_finalize_kernel<out_t><<<1, kOneBlockThreads, 0, stream>>>(
-      tensor_acc, tensor_flag, num_tensors, kind, inv_p, total.mutable_data_ptr<out_t>(),
-      found_inf.mutable_data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+// The kernel for a norm kind, as a compile-time value.
+template <typename Fn>
+void with_kind(NormKind kind, Fn&& fn) {
+  switch (kind) {
+    case NormKind::kL2: fn(std::integral_constant<NormKind, NormKind::kL2>{}); break;
+    case NormKind::kL1: fn(std::integral_constant<NormKind, NormKind::kL1>{}); break;
+    case NormKind::kInf: fn(std::integral_constant<NormKind, NormKind::kInf>{}); break;
+    case NormKind::kP: fn(std::integral_constant<NormKind, NormKind::kP>{}); break;
+  }
 }
 
 const float* optional_float_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<float>() : nullptr;
 }
 
-}  // namespace
+// What a global clip adds to a norm pass: the bound, eps and rule (none for a norm pass alone).
+struct ClipArgs {
+  double max_norm;
+  double eps;
+  ClipRule rule;
+};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_pass(const at::Tensor& ptrs, const at::Tensor& numels,
-                                                         const at::Tensor& codes, const at::Tensor& chunk_begin,
-                                                         const at::Tensor& chunk_tensor, int64_t chunk, bool fp64,
-                                                         const std::optional<at::Tensor>& inv_scale,
-                                                         double norm_type, std::optional<double> clamp_min,
-                                                         std::optional<double> clamp_max) {
-  checks::Problem problem;
-  const auto plan = checks::required(checks::check_norm_pass(ptrs, numels, codes, chunk_begin, chunk_tensor, chunk,
-                                                             fp64, inv_scale, norm_type, clamp_min, clamp_max, problem),
-                                     problem);
+// (per_tensor, total, found_inf, coef, post_clip, grad_scale) in one launch (the last four empty without a clip).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_norm_pass(
+    const checks::NormPlan& plan, const at::Tensor& ptrs, const at::Tensor& numels, const at::Tensor& codes,
+    const at::Tensor& chunk_begin, const at::Tensor& chunk_tensor, int64_t chunk, bool fp64, const at::Tensor& tickets,
+    int64_t num_filled, const std::optional<at::Tensor>& inv_scale, const std::optional<ClipArgs>& clip) {
   const c10::cuda::CUDAGuard guard(plan.table.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = plan.table.num_tensors;
   const int64_t c = plan.table.num_chunks;
-  const auto options = ptrs.options();
-  auto per_tensor = at::empty({n}, options.dtype(plan.out_dtype));
-  auto total = at::empty({}, options.dtype(plan.out_dtype));
+  const auto options = ptrs.options().dtype(plan.out_dtype);
+  const bool clips = clip.has_value();
+  // outputs of their own: a registered op's outputs may not alias one another
+  auto per_tensor = at::empty({n}, options);
+  auto total = at::empty({}, options);
   auto found_inf = at::empty({}, options.dtype(at::kFloat));
+  at::Tensor coef, post_clip, grad_scale;  // a clip's (undefined for a norm pass alone)
+  if (clips) {
+    coef = at::empty({}, options);
+    post_clip = at::empty({}, options);
+    grad_scale = at::empty({}, options);
+  }
   // Scratch, all written before read: chunk partials [C], chunk flags [C], tensor accumulators [T],
   // tensor flags [T]. (8 bytes x (2C + 2T): 0.8 MB for GPT-2-1.5B's 48K chunks.)
-  auto scratch = at::empty({2 * c + 2 * n}, options.dtype(at::kDouble));
+  auto scratch = at::empty({2 * c + 2 * n}, ptrs.options().dtype(at::kDouble));
   double* partial = scratch.mutable_data_ptr<double>();
   double* flag = partial + c;
-  double* tensor_acc = flag + c;
-  double* tensor_flag = tensor_acc + n;
-  const double inv_p = plan.kind == NormKind::kP ? 1.0 / plan.p : 1.0;
   const Table table = make_table(ptrs, numels, codes, chunk_begin, chunk_tensor, chunk);
-  if (c > 0) {  // every tensor zero-size: no chunk to launch (a 0-block grid is an error)
-    if (fp64) {
-      launch_norm_chunks<double>(plan.kind, c, stream, table, optional_float_ptr(inv_scale), plan.lo, plan.hi,
-                                 plan.p, partial, flag);
-    } else {
-      launch_norm_chunks<float>(plan.kind, c, stream, table, optional_float_ptr(inv_scale), plan.lo, plan.hi,
-                                plan.p, partial, flag);
-    }
-  }
-  const int64_t* begin = chunk_begin.const_data_ptr<int64_t>();
+  const float* inv = optional_float_ptr(inv_scale);
+  const auto launch = [&](auto* tag) {
+    using out_t = std::remove_pointer_t<decltype(tag)>;
+    Finish<out_t> fin{tickets.mutable_data_ptr<int>(), chunk_begin.const_data_ptr<int64_t>(), n, num_filled,
+                      plan.kind == NormKind::kP ? 1.0 / plan.p : 1.0, per_tensor.mutable_data_ptr<out_t>(),
+                      flag + c, flag + c + n, total.mutable_data_ptr<out_t>(), found_inf.mutable_data_ptr<float>(),
+                      clips, clips ? clip->max_norm : 0.0, clips ? clip->eps : 0.0,
+                      clips ? clip->rule : ClipRule::kTorch,
+                      clips ? coef.mutable_data_ptr<out_t>() : nullptr,
+                      clips ? post_clip.mutable_data_ptr<out_t>() : nullptr,
+                      clips ? grad_scale.mutable_data_ptr<out_t>() : nullptr};
+    with_kind(plan.kind, [&](auto kind_tag) {
+      constexpr NormKind kKind = decltype(kind_tag)::value;
+      if (c > 0) {
+        norm_chunks_kernel<out_t, kKind><<<static_cast<unsigned>(c), kThreads, 0, stream>>>(
+            table, inv, plan.lo, plan.hi, plan.p, partial, flag, fin);
+      } else {  // every tensor zero-size: no chunk to launch (a 0-block grid is an error)
+        empty_norm_kernel<out_t, kKind><<<1, kThreads, 0, stream>>>(inv, fin);
+      }
+      counted_launch_check();
+    });
+  };
   if (fp64) {
-    launch_norm_finalize<double>(plan.kind, inv_p, n, stream, partial, flag, begin, tensor_acc, tensor_flag,
-                                 per_tensor, total, found_inf);
+    launch(static_cast<double*>(nullptr));
   } else {
-    launch_norm_finalize<float>(plan.kind, inv_p, n, stream, partial, flag, begin, tensor_acc, tensor_flag,
-                                per_tensor, total, found_inf);
+    launch(static_cast<float*>(nullptr));
   }
-  return {per_tensor, total, found_inf};
+  return {per_tensor, total, found_inf, coef, post_clip, grad_scale};
+}
+
+}  // namespace
+
+int64_t launch_count() { return launches.load(std::memory_order_relaxed); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_pass(const at::Tensor& ptrs, const at::Tensor& numels,
+                                                         const at::Tensor& codes, const at::Tensor& chunk_begin,
+                                                         const at::Tensor& chunk_tensor, int64_t chunk, bool fp64,
+                                                         const at::Tensor& tickets, int64_t num_filled,
+                                                         const std::optional<at::Tensor>& inv_scale,
+                                                         double norm_type, std::optional<double> clamp_min,
+                                                         std::optional<double> clamp_max) {
+  checks::Problem problem;
+  const auto plan = checks::required(
+      checks::check_norm_pass(ptrs, numels, codes, chunk_begin, chunk_tensor, chunk, fp64, tickets, num_filled,
+                              inv_scale, norm_type, clamp_min, clamp_max, problem),
+      problem);
+  auto out = run_norm_pass(plan, ptrs, numels, codes, chunk_begin, chunk_tensor, chunk, fp64, tickets, num_filled,
+                           inv_scale, std::nullopt);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_norm_pass(
+    const at::Tensor& ptrs, const at::Tensor& numels, const at::Tensor& codes, const at::Tensor& chunk_begin,
+    const at::Tensor& chunk_tensor, int64_t chunk, bool fp64, const at::Tensor& tickets, int64_t num_filled,
+    const std::optional<at::Tensor>& inv_scale, double norm_type, std::optional<double> clamp_min,
+    std::optional<double> clamp_max, double max_norm, double eps, int64_t rule) {
+  checks::Problem problem;
+  const auto plan = checks::required(
+      checks::check_clip_norm_pass(ptrs, numels, codes, chunk_begin, chunk_tensor, chunk, fp64, tickets, num_filled,
+                                   inv_scale, norm_type, clamp_min, clamp_max, max_norm, eps, rule, problem),
+      problem);
+  return run_norm_pass(plan, ptrs, numels, codes, chunk_begin, chunk_tensor, chunk, fp64, tickets, num_filled,
+                       inv_scale, ClipArgs{max_norm, eps, static_cast<ClipRule>(rule)});
 }
 
 void scale_pass(const at::Tensor& ptrs, const at::Tensor& numels, const at::Tensor& codes,
@@ -605,7 +705,7 @@ void scale_pass(const at::Tensor& ptrs, const at::Tensor& numels, const at::Tens
       make_table(ptrs, numels, codes, chunk_begin, chunk_tensor, chunk), coef_dense.const_data_ptr(),
       coef_dense.scalar_type() == at::kDouble, plan.per_tensor_coef, optional_float_ptr(inv_scale), plan.lo, plan.hi,
       plan.has_clamp, optional_float_ptr(found_inf), zero_if_inf);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  counted_launch_check();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_finalize(const at::Tensor& per_tensor,
@@ -636,7 +736,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_finalize(const a
         max_norm_double, plan.mode, groups, plan.num_tensors, plan.num_groups, norm, eps, plan.rule,
         coef.mutable_data_ptr<out_t>(), per_group ? group_coef.mutable_data_ptr<out_t>() : nullptr,
         per_group ? group_norms.mutable_data_ptr<out_t>() : nullptr, post_clip.mutable_data_ptr<out_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    counted_launch_check();
   };
   if (plan.dtype == at::kDouble) {
     launch(static_cast<double*>(nullptr));

@@ -1,4 +1,5 @@
-// CUDA multi-tensor kernels of the ampclip op contract: the norm pass, the scale pass and the clip finalize.
+// CUDA multi-tensor kernels of the ampclip op contract: the norm pass (alone or with the clip coefficient),
+// the scale pass and the clip finalize.
 //
 // Every function takes the int64 device sections of a multi-tensor table (csrc/cuda/README.md):
 //   ptrs[T]          data address of tensor t (contiguous data)
@@ -22,13 +23,27 @@ namespace ampclip::cuda {
 // (per_tensor_norms[T], total_norm (0-d), found_inf (0-d float32)) of u = g * inv_scale, after the optional
 // value clamp v = min(max(u, clamp_min), clamp_max). found_inf is 1.0 exactly when some u is inf or NaN.
 // Norms are float32, or float64 when fp64 (set it when any gradient is float64: every gradient is then
-// unscaled and accumulated in float64). norm_type: 2, 1, inf or any p > 0.
+// unscaled and accumulated in float64). norm_type: 2, 1, inf or any p > 0. One launch: the last block of each
+// tensor finishes its norm and the last of those the total, drawing tickets from `tickets` (int32 [T + 1],
+// zero between launches, left at zero; one launch at a time may use them); num_filled is the number of
+// tensors that own a chunk (numels[t] > 0).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_pass(const at::Tensor& ptrs, const at::Tensor& numels,
                                                          const at::Tensor& codes, const at::Tensor& chunk_begin,
                                                          const at::Tensor& chunk_tensor, int64_t chunk, bool fp64,
+                                                         const at::Tensor& tickets, int64_t num_filled,
                                                          const std::optional<at::Tensor>& inv_scale,
                                                          double norm_type, std::optional<double> clamp_min,
                                                          std::optional<double> clamp_max);
+
+// norm_pass and a global clip's coefficient in the same launch: (per_tensor_norms, total_norm, found_inf, coef
+// (0-d), post_clip_norm, grad_scale), coef and post_clip_norm as clip_finalize computes them (mode 0) from
+// norm_pass's norms, and grad_scale = 1 / (inv_scale * coef) in the norms' dtype: what a fused optimizer
+// divides the gradients by. (Per tensor or per group: norm_pass, then clip_finalize.)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_norm_pass(
+    const at::Tensor& ptrs, const at::Tensor& numels, const at::Tensor& codes, const at::Tensor& chunk_begin,
+    const at::Tensor& chunk_tensor, int64_t chunk, bool fp64, const at::Tensor& tickets, int64_t num_filled,
+    const std::optional<at::Tensor>& inv_scale, double norm_type, std::optional<double> clamp_min,
+    std::optional<double> clamp_max, double max_norm, double eps, int64_t rule);
 
 // In place g <- clamp(g * inv_scale, clamp_min, clamp_max) * coef, in float32 (float64 for float64
 // tensors), rounded once on the store. coef: float32 or float64, 0-d or [T]. With found_inf given and
@@ -49,5 +64,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clip_finalize(const a
                                                                          const std::optional<at::Tensor>& group_index,
                                                                          int64_t num_groups, double norm_type,
                                                                          double eps, int64_t rule);
+
+// Kernels launched by the functions above since the process started: a test reads it to count a step's.
+int64_t launch_count();
 
 }  // namespace ampclip::cuda

@@ -16,6 +16,7 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -187,13 +188,27 @@ inline std::optional<std::pair<double, double>> clamp_bounds(std::optional<doubl
 inline std::optional<NormPlan> check_norm_pass(const at::Tensor& ptrs, const at::Tensor& numels,
                                                const at::Tensor& codes, const at::Tensor& chunk_begin,
                                                const at::Tensor& chunk_tensor, int64_t chunk, bool fp64,
+                                               const at::Tensor& tickets, int64_t num_filled,
                                                const std::optional<at::Tensor>& inv_scale, double norm_type,
                                                std::optional<double> clamp_min, std::optional<double> clamp_max,
                                                Problem& problem,
-                                               c10::DeviceType device_type = c10::DeviceType::CUDA) {
-  constexpr const char* op = "ampclip norm_pass (cuda)";
+                                               c10::DeviceType device_type = c10::DeviceType::CUDA,
+                                               const char* op = "ampclip norm_pass (cuda)") {
   const auto table = check_table(ptrs, numels, codes, chunk_begin, chunk_tensor, chunk, op, device_type, problem);
   AMPCLIP_REQUIRE_OK(table);
+  // The ticket counters: int32, one per tensor and one for the launch, on the table's device.
+  AMPCLIP_REQUIRE_OK(check_on(tickets, op, "tickets", device_type, problem));
+  AMPCLIP_REQUIRE_OK(check_same_device(tickets, table->device, op, "tickets", problem));
+  AMPCLIP_REQUIRE(tickets.scalar_type() == at::kInt, true, op, ": tickets must be int32, got ", tickets.scalar_type());
+  AMPCLIP_REQUIRE(tickets.dim() == 1 && tickets.is_contiguous() && tickets.numel() == table->num_tensors + 1, false,
+                  op, ": tickets must be a contiguous 1-D tensor of ", table->num_tensors + 1,
+                  " counters (one per tensor, one for the launch), got shape ", tickets.sizes());
+  // Every tensor that owns a chunk draws a ticket of the launch: at least one when there is a chunk, at most
+  // one per tensor and per chunk.
+  const int64_t most = std::min(table->num_tensors, table->num_chunks);
+  AMPCLIP_REQUIRE(num_filled >= (table->num_chunks > 0 ? 1 : 0) && num_filled <= most, false, op,
+                  ": num_filled (the tensors that own a chunk) must be in [", table->num_chunks > 0 ? 1 : 0, ", ",
+                  most, "], got ", num_filled);
   const auto kind = norm_kind(norm_type, op, problem);
   AMPCLIP_REQUIRE_OK(kind);
   if (inv_scale.has_value()) {
@@ -202,6 +217,28 @@ inline std::optional<NormPlan> check_norm_pass(const at::Tensor& ptrs, const at:
   const auto bounds = clamp_bounds(clamp_min, clamp_max, op, problem);
   AMPCLIP_REQUIRE_OK(bounds);
   return NormPlan{*table, *kind, norm_type, bounds->first, bounds->second, fp64 ? at::kDouble : at::kFloat};
+}
+
+// check_norm_pass, and the global clip's own arguments: a bound >= 0 (inf allowed), eps finite and >= 0, rule
+// 0 or 1.
+inline std::optional<NormPlan> check_clip_norm_pass(const at::Tensor& ptrs, const at::Tensor& numels,
+                                                    const at::Tensor& codes, const at::Tensor& chunk_begin,
+                                                    const at::Tensor& chunk_tensor, int64_t chunk, bool fp64,
+                                                    const at::Tensor& tickets, int64_t num_filled,
+                                                    const std::optional<at::Tensor>& inv_scale, double norm_type,
+                                                    std::optional<double> clamp_min, std::optional<double> clamp_max,
+                                                    double max_norm, double eps, int64_t rule,
+                                                    Problem& problem,
+                                                    c10::DeviceType device_type = c10::DeviceType::CUDA) {
+  constexpr const char* op = "ampclip clip_norm_pass (cuda)";
+  const auto plan = check_norm_pass(ptrs, numels, codes, chunk_begin, chunk_tensor, chunk, fp64, tickets, num_filled,
+                                    inv_scale, norm_type, clamp_min, clamp_max, problem, device_type, op);
+  AMPCLIP_REQUIRE_OK(plan);
+  AMPCLIP_REQUIRE(max_norm >= 0.0, false, op, ": max_norm must be >= 0, got ", max_norm);  // and not NaN
+  AMPCLIP_REQUIRE(std::isfinite(eps) && eps >= 0.0, false, op, ": eps must be finite and >= 0, got ", eps);
+  AMPCLIP_REQUIRE(rule == 0 || rule == 1, false, op,
+                  ": rule must be 0 (min(1, max/(n+eps))) or 1 (max/max(n+eps, max)), got ", rule);
+  return plan;
 }
 
 inline std::optional<ScalePlan> check_scale_pass(const at::Tensor& ptrs, const at::Tensor& numels,

@@ -64,34 +64,83 @@ PyObject* raise(const checks::Problem& problem) {
   return error(problem.type_error ? Bad::kType : Bad::kValue, problem.message);
 }
 
-// cuda_norm_pass(ptrs, numels, codes, chunk_begin, chunk_tensor, chunk, fp64, inv_scale, norm_type, clamp_min,
-//                clamp_max) -> (per_tensor_norms, total_norm, found_inf)
-PyObject* norm_pass_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  constexpr const char* op = "ampclip norm_pass (cuda)";
-  if (!check_nargs(nargs, 11, "cuda_norm_pass(ptrs, numels, codes, chunk_begin, chunk_tensor, chunk, fp64, "
-                              "inv_scale, norm_type, clamp_min, clamp_max)")) {
-    return nullptr;
-  }
+// The arguments of a norm pass, args[0..12]: the table (0..5), fp64, tickets, num_filled, inv_scale,
+// norm_type, clamp_min, clamp_max.
+struct NormArgs {
   Sections t;
   bool fp64 = false;
+  at::Tensor tickets;
+  int64_t num_filled = 0;
   std::optional<at::Tensor> inv_scale;
   double norm_type = 0.0;
   std::optional<double> lo, hi;
-  if (!sections(args, op, t) || !bool_arg(args[6], op, "fp64", fp64) ||
-      !optional_plain(args[7], op, "inv_scale", inv_scale) || !double_arg(args[8], op, "norm_type", norm_type) ||
-      !optional_double(args[9], op, "clamp_min", lo) || !optional_double(args[10], op, "clamp_max", hi)) {
+};
+
+bool norm_args(PyObject* const* args, const char* op, NormArgs& out) {
+  return sections(args, op, out.t) && bool_arg(args[6], op, "fp64", out.fp64) &&
+         plain_tensor(args[7], op, "tickets", out.tickets) && int_arg(args[8], op, "num_filled", out.num_filled) &&
+         optional_plain(args[9], op, "inv_scale", out.inv_scale) &&
+         double_arg(args[10], op, "norm_type", out.norm_type) && optional_double(args[11], op, "clamp_min", out.lo) &&
+         optional_double(args[12], op, "clamp_max", out.hi);
+}
+
+// cuda_norm_pass(ptrs, numels, codes, chunk_begin, chunk_tensor, chunk, fp64, tickets, num_filled, inv_scale,
+//                norm_type, clamp_min, clamp_max) -> (per_tensor_norms, total_norm, found_inf)
+PyObject* norm_pass_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  constexpr const char* op = "ampclip norm_pass (cuda)";
+  if (!check_nargs(nargs, 13, "cuda_norm_pass(ptrs, numels, codes, chunk_begin, chunk_tensor, chunk, fp64, tickets, "
+                              "num_filled, inv_scale, norm_type, clamp_min, clamp_max)")) {
     return nullptr;
   }
+  NormArgs a;
+  if (!norm_args(args, op, a)) return nullptr;
   checks::Problem problem;
-  if (!checks::check_norm_pass(t.ptrs, t.numels, t.codes, t.chunk_begin, t.chunk_tensor, t.chunk, fp64, inv_scale,
-                               norm_type, lo, hi, problem)) {
+  if (!checks::check_norm_pass(a.t.ptrs, a.t.numels, a.t.codes, a.t.chunk_begin, a.t.chunk_tensor, a.t.chunk, a.fp64,
+                               a.tickets, a.num_filled, a.inv_scale, a.norm_type, a.lo, a.hi, problem)) {
     return raise(problem);
   }
   auto [per_tensor, total, found_inf] =
-      norm_pass(t.ptrs, t.numels, t.codes, t.chunk_begin, t.chunk_tensor, t.chunk, fp64, inv_scale, norm_type, lo, hi);
+      norm_pass(a.t.ptrs, a.t.numels, a.t.codes, a.t.chunk_begin, a.t.chunk_tensor, a.t.chunk, a.fp64, a.tickets,
+                a.num_filled, a.inv_scale, a.norm_type, a.lo, a.hi);
   return tuple_of(std::move(per_tensor), std::move(total), std::move(found_inf));
   END_HANDLE_TH_ERRORS
+}
+
+// cuda_clip_norm_pass(<the 13 arguments of cuda_norm_pass>, max_norm, eps, rule)
+//   -> (per_tensor_norms, total_norm, found_inf, coef, post_clip_norm, grad_scale): a global clip
+PyObject* clip_norm_pass_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  constexpr const char* op = "ampclip clip_norm_pass (cuda)";
+  if (!check_nargs(nargs, 16, "cuda_clip_norm_pass(ptrs, numels, codes, chunk_begin, chunk_tensor, chunk, fp64, "
+                              "tickets, num_filled, inv_scale, norm_type, clamp_min, clamp_max, max_norm, eps, "
+                              "rule)")) {
+    return nullptr;
+  }
+  NormArgs a;
+  double max_norm = 0.0, eps = 0.0;
+  int64_t rule = 0;
+  if (!norm_args(args, op, a) || !double_arg(args[13], op, "max_norm", max_norm) ||
+      !double_arg(args[14], op, "eps", eps) || !int_arg(args[15], op, "rule", rule)) {
+    return nullptr;
+  }
+  checks::Problem problem;
+  if (!checks::check_clip_norm_pass(a.t.ptrs, a.t.numels, a.t.codes, a.t.chunk_begin, a.t.chunk_tensor, a.t.chunk,
+                                    a.fp64, a.tickets, a.num_filled, a.inv_scale, a.norm_type, a.lo, a.hi, max_norm,
+                                    eps, rule, problem)) {
+    return raise(problem);
+  }
+  auto [per_tensor, total, found_inf, coef, post, grad_scale] =
+      clip_norm_pass(a.t.ptrs, a.t.numels, a.t.codes, a.t.chunk_begin, a.t.chunk_tensor, a.t.chunk, a.fp64,
+                     a.tickets, a.num_filled, a.inv_scale, a.norm_type, a.lo, a.hi, max_norm, eps, rule);
+  return tuple_of(std::move(per_tensor), std::move(total), std::move(found_inf), std::move(coef), std::move(post),
+                  std::move(grad_scale));
+  END_HANDLE_TH_ERRORS
+}
+
+// cuda_launch_count() -> int: the kernels the CUDA functions have launched in this process.
+PyObject* launch_count_entry(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(launch_count());
 }
 
 // cuda_scale_pass(grads, ptrs, numels, codes, chunk_begin, chunk_tensor, chunk, coef, inv_scale, clamp_min,
@@ -168,6 +217,11 @@ PyObject* clip_finalize_entry(PyObject* /*module*/, PyObject* const* args, Py_ss
 PyMethodDef cuda_methods[] = {
     {"cuda_norm_pass", AMPCLIP_FASTCALL(norm_pass_entry),
      "(per_tensor_norms, total_norm, found_inf) of a table's tensors on their GPU (csrc/cuda/README.md)."},
+    {"cuda_clip_norm_pass", AMPCLIP_FASTCALL(clip_norm_pass_entry),
+     "The norm pass and a global clip's coefficient in one launch: (per_tensor_norms, total_norm, found_inf, coef, "
+     "post_clip_norm, grad_scale)."},
+    {"cuda_launch_count", launch_count_entry, METH_NOARGS,
+     "The kernels the CUDA functions have launched in this process (a test counts a step's with it)."},
     {"cuda_scale_pass", AMPCLIP_FASTCALL(scale_pass_entry),
      "In place g <- clamp(g * inv_scale) * coef over a table's tensors; bumps the version of each of grads."},
     {"cuda_clip_finalize", AMPCLIP_FASTCALL(clip_finalize_entry),
