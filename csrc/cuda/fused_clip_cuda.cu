@@ -11,9 +11,9 @@
 //
 // Grid: one block per chunk rather than a persistent grid. A chunk (32768 elements, 64-256 KiB) is far more
 // work than starting a block costs, and the ~48K blocks of GPT-2-1.5B are 60-75 waves of the 660-800
-// norm-pass blocks an H100 keeps resident (5-6 per SM at 40-48 registers), so the last partial wave costs ~2%. Slot c
-// of the partials is simply blockIdx.x, every slot is written exactly once, and the scale pass drops a chunk
-// by returning early. A persistent grid would add a loop and a slot mapping for no bandwidth gain.
+// norm-pass blocks an H100 keeps resident (5-6 per SM at 40-48 registers), so the last partial wave costs ~2%.
+// Slot c of the partials is simply blockIdx.x, every slot is written exactly once, and the scale pass drops a
+// chunk by returning early. A persistent grid would add a loop and a slot mapping for no bandwidth gain.
 //
 // Every scalar (inv_scale, coef, found_inf, max_norm) is read on the device and nothing is copied to the
 // host, so each function is CUDA-graph capturable. Reductions use fixed trees (warp butterflies, then a
@@ -175,27 +175,6 @@ __device__ double block_reduce(double x, Op op, double identity, double* scratch
   return warp_reduce(x, op);  // every warp reduces the same values in the same tree
 }
 
-// The scaled p-norm of value(i), i in [0, count), over the whole block: a max pass, then a sum pass, both
-// fixed-order. Every thread gets the result.
-template <typename Value>
-__device__ double block_scaled_norm(int64_t count, Value value, const ScaledNorm& norm, double* scratch) {
-  double m = 0.0;
-  bool nan = false;
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-    const double x = fabs(value(i));
-    nan |= x != x;
-    m = fmax(m, x);
-  }
-  m = block_reduce(m, Max{}, 0.0, scratch);
-  nan = __syncthreads_or(nan);
-  double sum = 0.0;
-  if (norm.needs_sum(m, nan)) {
-    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) sum += norm.term(fabs(value(i)), m);
-  }
-  sum = block_reduce(sum, Sum{}, 0.0, scratch);
-  return norm.finish(m, sum, nan);
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // Norm pass: one block per chunk
 // ---------------------------------------------------------------------------------------------------------
@@ -281,8 +260,8 @@ __device__ __forceinline__ void finish_launch(const Finish<out_t>& fin, float in
 }
 
 // The last block of tensor t's chunks: warp 0 reduces t's chunk slots in a fixed order (lane l combines slots
-// l, l + 32, ... in index order, then a butterfly) into its norm, its
-// accumulator and flag; then the block draws a ticket of the launch, and the last to draw finishes it.
+// l, l + 32, ... in index order, then a butterfly) into its norm, its accumulator and flag; then the block draws
+// a ticket of the launch, and the last to draw finishes it.
 template <NormKind kKind, typename out_t>
 __device__ __forceinline__ void finish_tensor(int64_t t, const double* partial, const double* flag,
                                               const Finish<out_t>& fin, float inv, double* scratch) {
@@ -472,6 +451,27 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------------------
 // Clip finalize: one block
 // ---------------------------------------------------------------------------------------------------------
+
+// The scaled p-norm of value(i), i in [0, count), over the whole block: a max pass, then a sum pass, both
+// fixed-order. Every thread gets the result.
+template <typename Value>
+__device__ double block_scaled_norm(int64_t count, Value value, const ScaledNorm& norm, double* scratch) {
+  double m = 0.0;
+  bool nan = false;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+    const double x = fabs(value(i));
+    nan |= x != x;
+    m = fmax(m, x);
+  }
+  m = block_reduce(m, Max{}, 0.0, scratch);
+  nan = __syncthreads_or(nan);
+  double sum = 0.0;
+  if (norm.needs_sum(m, nan)) {
+    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) sum += norm.term(fabs(value(i)), m);
+  }
+  sum = block_reduce(sum, Sum{}, 0.0, scratch);
+  return norm.finish(m, sum, nan);
+}
 
 template <typename out_t>
 __global__ void __launch_bounds__(kOneBlockThreads)
