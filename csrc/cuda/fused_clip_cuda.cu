@@ -10,8 +10,8 @@
 // (A list of zero-size tensors only has no chunk: its norm pass is one block, empty_norm_kernel.)
 //
 // Grid: one block per chunk rather than a persistent grid. A chunk (32768 elements, 64-256 KiB) is far more
-// work than starting a block costs, and the ~48K blocks of GPT-2-1.5B are 60-75 waves of the 660-800
-// norm-pass blocks an H100 keeps resident (5-6 per SM at 40-48 registers), so the last partial wave costs ~2%.
+// work than starting a block costs, and the ~48K blocks of GPT-2-1.5B are 45-60 waves of the 800-1,056
+// blocks an H100 keeps resident (6-8 per SM at 32-40 registers), so the last partial wave costs ~2%.
 // Slot c of the partials is simply blockIdx.x, every slot is written exactly once, and the scale pass drops a
 // chunk by returning early. A persistent grid would add a loop and a slot mapping for no bandwidth gain.
 //
@@ -53,8 +53,8 @@ using namespace math;
 
 constexpr int kWarp = 32;
 // Chunk kernels: 256 threads, each keeping kUnroll 16-byte loads in flight, i.e. 16 KiB per block per step.
-// Five to six resident norm-pass blocks (eight scale-pass ones) on an SM then have 80-128 KiB in flight,
-// several times the ~25 KiB per SM that bandwidth x latency asks for on an H100 (3.35 TB/s x ~1 us / 132 SMs).
+// Six to eight resident blocks on an SM then have 96-128 KiB in flight, several times the ~25 KiB per SM that
+// bandwidth x latency asks for on an H100 (3.35 TB/s x ~1 us / 132 SMs).
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;
 // One-block kernel (clip finalize): 512 threads, 10,000 tensors in 20 strided steps.
@@ -234,6 +234,7 @@ template <NormKind kKind, typename out_t>
 __device__ __forceinline__ void finish_launch(const Finish<out_t>& fin, float inv, double* scratch) {
   double acc = 0.0;
   double f = 0.0;
+#pragma unroll 2  // as in finish_tensor: the chunk loop keeps its registers
   for (int64_t t = threadIdx.x; t < fin.num_tensors; t += blockDim.x) {
     if (fin.chunk_begin[t + 1] == fin.chunk_begin[t]) {  // zero-size: norm 0
       fin.norms[t] = out_t(0);
@@ -271,6 +272,7 @@ __device__ __forceinline__ void finish_tensor(int64_t t, const double* partial, 
     const int64_t end = fin.chunk_begin[t + 1];
     double acc = 0.0;
     double f = 0.0;
+#pragma unroll 2  // unrolled further, the slot loads would take registers from the chunk loop (make cuda-check)
     for (int64_t j = fin.chunk_begin[t] + lane; j < end; j += kWarp) {
       acc = combine(kKind, acc, __ldcg(partial + j));
       f = fmax(f, __ldcg(flag + j));
