@@ -103,6 +103,9 @@ def refusal(params, strategy, spec: Overlap) -> Optional[Exception]:
                           "times inv_scale; use overlap=False")
     if len({id(p) for p in params}) != len(params):
         return ValueError("overlap measures each parameter once: a parameter appears twice in the clipper's list")
+    if len({distributed.is_dtensor(p) for p in params}) > 1:
+        return ValueError("overlap needs the clipper's parameters to be all DTensors (FSDP2) or all plain tensors, "
+                          "as the clip does")
     if spec.ddp is not None:
         hooks = getattr(spec.ddp, "_comm_hooks", [])
         if hooks:

@@ -535,6 +535,11 @@ def _fsdp_worker(rank, world_size, port, results):
         torch.manual_seed(0)
         base = Net()
         out = {}
+        sharded = _fsdp_models(base)[0]
+        try:  # a list mixing sharded and plain parameters: refused before any hook is registered
+            ampclip.FusedClipper([*sharded.parameters(), torch.nn.Parameter(torch.ones(2))], overlap=True)
+        except ValueError as exc:
+            out["mixed"] = str(exc)
         # "sync": the reduce-scatter runs every micro-batch and adds into the sharded gradients, the micro-batches
         # but the last under no_measure; "no-sync": FSDP2 keeps the unsharded sums and reduces at the last one
         for case, bucket_cap_mb, mode in (("sync", TINY_MB, "global"), ("no-sync", ampclip.overlap.DEFAULT_BUCKET_MB,
@@ -576,6 +581,7 @@ def _fsdp_worker(rank, world_size, port, results):
 def test_fsdp2_on_two_processes_measures_the_reduced_shards_and_equals_the_clip_after_backward():
     results = run_two_processes(_fsdp_worker)
     for rank in (0, 1):
+        assert "all DTensors (FSDP2) or all plain" in results[rank].pop("mixed")
         for key, rows in results[rank].items():
             for row in rows:
                 if row[0] == "inf":  # rank 1's inf reaches rank 0 through the clip's all-reduce
