@@ -541,9 +541,11 @@ def _fsdp_worker(rank, world_size, port, results):
         except ValueError as exc:
             out["mixed"] = str(exc)
         # "sync": the reduce-scatter runs every micro-batch and adds into the sharded gradients, the micro-batches
-        # but the last under no_measure; "no-sync": FSDP2 keeps the unsharded sums and reduces at the last one
-        for case, bucket_cap_mb, mode in (("sync", TINY_MB, "global"), ("no-sync", ampclip.overlap.DEFAULT_BUCKET_MB,
-                                                                         "global"), ("sync", TINY_MB, "per_tensor")):
+        # but the last under no_measure; "sync-measured": the same, every backward measured (the last stands);
+        # "no-sync": FSDP2 keeps the unsharded sums and reduces at the last one
+        cases = (("sync", TINY_MB, "global"), ("sync-measured", TINY_MB, "global"),
+                 ("no-sync", ampclip.overlap.DEFAULT_BUCKET_MB, "global"), ("sync", TINY_MB, "per_tensor"))
+        for case, bucket_cap_mb, mode in cases:
             ours, twin = _fsdp_models(base)
             clipper = ampclip.FusedClipper(ours.parameters(), max_norm=0.3, mode=mode,
                                            overlap=ampclip.Overlap(bucket_cap_mb=bucket_cap_mb))
@@ -559,7 +561,8 @@ def _fsdp_worker(rank, world_size, port, results):
                     for model, factor in ((ours, 4.0 * poison), (twin, 1.0)):
                         if case == "no-sync":
                             model.set_requires_gradient_sync(last)
-                        with contextlib.nullcontext() if last or model is twin else clipper.no_measure():
+                        skip = not last and model is ours and case != "sync-measured"
+                        with clipper.no_measure() if skip else contextlib.nullcontext():
                             (loss_of(model, data) * factor).backward()
                 stats, names = clip_recorded(clipper, inv_scale=torch.tensor(0.25))
                 if inf_step:
