@@ -503,13 +503,13 @@ def test_ddp_on_two_processes_equals_torch_on_a_twin_model():
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2
-def _fsdp_models(base):
-    """Two FSDP2 copies of ``base``: its hidden and unused layers sharded on their own, the rest (the tied
+def _fsdp_models(base, count=2):
+    """``count`` FSDP2 copies of ``base``: its hidden and unused layers sharded on their own, the rest (the tied
     embedding and head, the frozen layer) by the root."""
     from torch.distributed.fsdp import fully_shard
 
     models = []
-    for _ in range(2):
+    for _ in range(count):
         model = copy.deepcopy(base)
         fully_shard(model.hidden)
         fully_shard(model.unused)
@@ -535,7 +535,7 @@ def _fsdp_worker(rank, world_size, port, results):
         torch.manual_seed(0)
         base = Net()
         out = {}
-        sharded = _fsdp_models(base)[0]
+        sharded, = _fsdp_models(base, count=1)
         try:  # a list mixing sharded and plain parameters: refused before any hook is registered
             ampclip.FusedClipper([*sharded.parameters(), torch.nn.Parameter(torch.ones(2))], overlap=True)
         except ValueError as exc:
