@@ -1,6 +1,8 @@
 """Where the host time of a ``FusedClipper.clip_`` call goes, on the Triton backend with its launches replaced by
-no-ops (the interpreter would run the kernels on the host): gathering the gradients, each pass's way to its
-launch, the version bumps, beside the unit ``[p.grad for p in params]``, at 20, 2000 and 10000 gradients.
+no-ops (the interpreter would run the kernels on the host), beside the unit ``[p.grad for p in params]``, at 20,
+2000 and 10000 gradients. The steady clip (the last table's gradients): finding the table again, which compares
+each ``.grad`` with it and bumps its version, and the two launches on it. The general path, which a clip of
+another list takes: gathering the gradients, each pass's way to its launch, the version bumps.
 
     python -m benchmarks.host_budget > benchmarks/results/<date>/host-path-budget.txt
 
@@ -19,7 +21,7 @@ import torch
 
 import ampclip
 from ampclip import ops
-from ampclip.backends import cpp
+from ampclip.backends import cpp, tensor_table
 
 from .host_timing import SIZES, least_us, triton_launches_skipped
 from .machine import cpu_model
@@ -37,10 +39,16 @@ def rows(n: int) -> dict:
     clipper = ampclip.FusedClipper(params, max_norm=1.0, backend="triton")
     inv, coef = torch.tensor(0.5), torch.tensor(0.5)
     clipper.clip_(inv)
+    table = tensor_table.last_table()
     _, grads, _, _ = ops.gathered(params)  # checked against the table the clip just used
+    triton = ops._impl("triton")
     return {
-        "FusedClipper.clip_, whole call": us(lambda: clipper.clip_(inv)),
-        "  gather .grad and check the table's layout (one C++ loop)": us(lambda: ops.gathered(params)),
+        "FusedClipper.clip_, whole call (the steady clip)": us(lambda: clipper.clip_(inv)),
+        "  find the table again: compare each .grad, bump its version (one C++ loop)":
+            us(lambda: cpp.claim_grads(params, table.signature)),
+        "  the two launches on the table (adapter to the launches)":
+            us(lambda: triton.clip_on_table(table, inv, 2.0, None, 1.0, 0, ops.EPS, 0, False)),
+        "the general path: gather .grad, check the table's layout (one C++ loop)": us(lambda: ops.gathered(params)),
         "  norm pass: ops to the launch (table found in O(1))":
             us(lambda: ops.clip_norm_pass(grads, inv, 2.0, max_norm=1.0, backend="triton")),
         "  scale pass: ops to the launch, version bumps": us(lambda: ops.scale_pass(grads, coef, inv,
@@ -56,9 +64,9 @@ def main() -> int:
           f"torch {torch.__version__}, 1 thread, least of 40 calls, gradients of 4 elements")
     with triton_launches_skipped():
         measured = [rows(n) for n in SIZES]
-    print(f"{'us per call (Triton backend, launches replaced by no-ops)':<62}" + "".join(f"{n:>9}" for n in SIZES))
+    print(f"{'us per call (Triton backend, launches replaced by no-ops)':<78}" + "".join(f"{n:>9}" for n in SIZES))
     for label in measured[0]:
-        print(f"{label:<62}" + "".join(f"{m[label]:>9.1f}" for m in measured))
+        print(f"{label:<78}" + "".join(f"{m[label]:>9.1f}" for m in measured))
     return 0
 
 

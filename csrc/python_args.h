@@ -95,16 +95,20 @@ inline std::string layout_name(const at::Tensor& t) {
 // What an argument turned out to be.
 enum class Read { kOk, kDispatcher, kError };
 
-// A tensor whose data the kernels may read directly: no Python dispatch key (a __torch_dispatch__ subclass,
-// a fake tensor) and no functorch or functionalization wrapper; those need the dispatcher first. A Python
-// subclass that overrides neither __torch_dispatch__ nor __torch_function__ (an nn.Parameter subclass, a bare
-// `class T(torch.Tensor): pass`) is read like a Tensor: it is one, with a Python type of its own.
-inline bool is_plain(PyObject* obj) {
-  if (!THPVariable_Check(obj)) return false;
+// A tensor whose data the kernels must not read directly: one with a Python dispatch key (a __torch_dispatch__
+// subclass, a fake tensor) or a functorch or functionalization wrapper; those need the dispatcher first.
+inline bool is_wrapper(const at::Tensor& t) {
   constexpr c10::DispatchKeySet kWrappers({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
                                            c10::DispatchKey::FuncTorchBatched,
                                            c10::DispatchKey::FuncTorchGradWrapper});
-  if (THPVariable_Unpack(obj).key_set().has_any(kWrappers)) return false;
+  return t.key_set().has_any(kWrappers);
+}
+
+// A tensor object whose data the kernels may read directly: no wrapper (above). A Python subclass that overrides
+// neither __torch_dispatch__ nor __torch_function__ (an nn.Parameter subclass, a bare `class T(torch.Tensor):
+// pass`) is read like a Tensor: it is one, with a Python type of its own.
+inline bool is_plain(PyObject* obj) {
+  if (!THPVariable_Check(obj) || is_wrapper(THPVariable_Unpack(obj))) return false;
   if (THPVariable_CheckExact(obj)) return true;
   // A subclass: plain when its __torch_function__ is the one Tensor or Parameter has (the last type seen is
   // remembered: a list holds one type).
@@ -238,13 +242,15 @@ PyObject* tuple_of(Tensors&&... tensors) {
   return out;
 }
 
-// Bumps the version counter of every tensor in items (each a THPVariable; an inference tensor has none), as
-// torch's in-place ops do: for passes that wrote them through raw pointers.
+// Bumps a tensor's version counter (an inference tensor has none), as torch's in-place ops do: for passes that
+// wrote it through a raw pointer.
+inline void bump_version(c10::TensorImpl* impl) {
+  if (!impl->is_inference()) impl->bump_version();
+}
+
+// bump_version of every tensor in items (each a THPVariable).
 inline void bump_versions(PyObject* const* items, Py_ssize_t count) {
-  for (Py_ssize_t i = 0; i < count; ++i) {
-    c10::TensorImpl* impl = THPVariable_Unpack(items[i]).unsafeGetTensorImpl();
-    if (!impl->is_inference()) impl->bump_version();
-  }
+  for (Py_ssize_t i = 0; i < count; ++i) bump_version(THPVariable_Unpack(items[i]).unsafeGetTensorImpl());
 }
 
 inline bool check_nargs(Py_ssize_t nargs, Py_ssize_t expected, const char* signature) {

@@ -359,6 +359,12 @@ PyObject* clip_stats_update(PyObject* /*module*/, PyObject* const* args, Py_ssiz
   END_HANDLE_TH_ERRORS
 }
 
+// A tensor's dtype, device and dimension count in one word of its signature.
+inline uint64_t kind_word(const at::Tensor& t) {
+  return static_cast<uint64_t>(t.scalar_type()) | (static_cast<uint64_t>(t.device().index() + 1) << 16) |
+         (static_cast<uint64_t>(t.device().type()) << 32) | (static_cast<uint64_t>(t.dim()) << 48);
+}
+
 // What a kernel table of these tensors depends on, per tensor: data pointer, element count, dtype, device,
 // sizes and strides (all of them: equal signatures mean equal layouts, never a hash collision). Not the
 // tensor's identity: the new gradients a backward allocates after zero_grad(set_to_none=True) can land at
@@ -368,10 +374,8 @@ PyObject* clip_stats_update(PyObject* /*module*/, PyObject* const* args, Py_ssiz
 template <typename Visit>
 bool tensor_words(const at::Tensor& t, Visit& visit) {
   if (t.is_nested() || t.layout() != at::kStrided || !t.has_storage()) return false;
-  const auto ok =
-      visit(reinterpret_cast<uintptr_t>(t.const_data_ptr())) && visit(static_cast<uint64_t>(t.numel())) &&
-      visit(static_cast<uint64_t>(t.scalar_type()) | (static_cast<uint64_t>(t.device().index() + 1) << 16) |
-            (static_cast<uint64_t>(t.device().type()) << 32) | (static_cast<uint64_t>(t.dim()) << 48));
+  const auto ok = visit(reinterpret_cast<uintptr_t>(t.const_data_ptr())) &&
+                  visit(static_cast<uint64_t>(t.numel())) && visit(kind_word(t));
   if (!ok) return false;
   for (int64_t d = 0; d < t.dim(); ++d) {
     if (!visit(static_cast<uint64_t>(t.sizes()[d])) || !visit(static_cast<uint64_t>(t.strides()[d]))) return false;
@@ -483,6 +487,61 @@ PyObject* present_grads(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
   END_HANDLE_TH_ERRORS
 }
 
+// claim_grads(params: list | tuple, signature: bytes) -> bool
+//
+// Whether every parameter has a gradient and the gradients' tensor_signature is `signature`: then they are
+// exactly the tensors of the table that signature belongs to, and a clip launches on that table as it is. The
+// steady state of a training loop, which clips the same parameters every step: one loop over the parameters,
+// that reads each .grad (zero_grad(set_to_none=True) makes new ones) and makes no Python object, where
+// present_grads builds the list of gradients. The caller writes the gradients through the table next, so the
+// loop bumps each one's version counter once its words matched, as torch's in-place ops do (an inference
+// tensor has none); after a miss further on, the gradients before it stay bumped once more than they were
+// written, which costs nothing: a version is only compared for equality with a saved one. False when a
+// parameter is not a plain Tensor or Parameter, or a gradient is missing, a wrapper, not dense, or differs from
+// the signature.
+PyObject* claim_grads(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (!check_nargs(nargs, 2, "claim_grads(params, signature)")) return nullptr;
+  PyObject* params = args[0];
+  if (!PyList_Check(params) && !PyTuple_Check(params)) {
+    return error(Bad::kType, "claim_grads: params must be a list or a tuple");
+  }
+  if (!PyBytes_Check(args[1])) return error(Bad::kType, "claim_grads: signature must be bytes");
+  const char* signature = PyBytes_AS_STRING(args[1]);
+  const size_t size = static_cast<size_t>(PyBytes_GET_SIZE(args[1])) / sizeof(uint64_t);
+  const auto word = [signature](size_t k) {
+    uint64_t w;
+    std::memcpy(&w, signature + k * sizeof(uint64_t), sizeof(w));
+    return w;
+  };
+  const Py_ssize_t count = PySequence_Fast_GET_SIZE(params);
+  PyObject** items = PySequence_Fast_ITEMS(params);
+  size_t at = 0;
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    if (!THPVariable_CheckExact(items[i])) Py_RETURN_FALSE;
+    const at::Tensor& grad = THPVariable_Unpack(items[i]).grad();
+    if (!grad.defined() || is_wrapper(grad) || grad.is_nested() || grad.layout() != at::kStrided) Py_RETURN_FALSE;
+    const int64_t dim = grad.dim();
+    // the kind word first: a tensor of another device (a meta one) has no data pointer to compare
+    if (at + 3 + 2 * static_cast<size_t>(dim) > size || word(at + 2) != kind_word(grad) || !grad.has_storage()) {
+      Py_RETURN_FALSE;
+    }
+    // no branch a word: the loop is bound by reading the tensors' metadata, not by comparing words
+    bool same = (word(at) == reinterpret_cast<uintptr_t>(grad.const_data_ptr())) &
+                (word(at + 1) == static_cast<uint64_t>(grad.numel()));
+    at += 3;
+    const c10::IntArrayRef sizes = grad.sizes(), strides = grad.strides();
+    for (int64_t d = 0; d < dim; ++d, at += 2) {
+      same &= (word(at) == static_cast<uint64_t>(sizes[d])) & (word(at + 1) == static_cast<uint64_t>(strides[d]));
+    }
+    if (!same) Py_RETURN_FALSE;
+    bump_version(grad.unsafeGetTensorImpl());
+  }
+  if (at != size) Py_RETURN_FALSE;
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
 // tensor_signature(tensors: list | tuple) -> (hash: int, signature: bytes) | None
 //
 // The signature_words packed into bytes, with a 64-bit hash as a dictionary key (comparing two signatures is
@@ -577,6 +636,8 @@ PyMethodDef methods[] = {
     {"present_grads", AMPCLIP_FASTCALL(present_grads),
      "(gradients that exist, their parameter indices or None when all exist, their one device or None, whether "
      "the kernels take every one, whether their signature is the one given); None for non-plain parameters."},
+    {"claim_grads", AMPCLIP_FASTCALL(claim_grads),
+     "Whether the parameters' gradients (all present) have the signature given; bumps each version as it matches."},
     {"tensor_signature", tensor_signature, METH_O,
      "(hash, bytes) of each tensor's data pointer, size, dtype, device, sizes and strides, for table caches."},
     {"bump_versions", bump_versions, METH_O, "Bumps the version counter of every tensor, as an in-place op does."},

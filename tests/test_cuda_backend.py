@@ -224,6 +224,24 @@ def test_a_global_clip_is_one_call_and_a_per_tensor_one_the_norm_pass_and_the_fi
     assert [name for name, _ in fake.calls] == ["norm_pass", "clip_finalize"]
 
 
+def test_a_clip_on_a_table_is_the_fused_norm_pass_and_a_scale_pass_that_bumps_nothing_more():
+    grads = random_grads([(5,), (0,), (70000,)])
+    table = tensor_table.tensor_table(grads)
+    fake = FakeExtension(targets=grads)
+    want = [g.clone() * 2 for g in grads]
+    adapter = cuda_backend.CudaBackend(fake)
+    per_tensor, total, found_inf, coef, post = adapter.clip_on_table(table, torch.tensor(0.5), 2.0, (-1.0, 1.0), 0.75,
+                                                                     0, 1e-6, 1, True)
+    assert [name for name, _ in fake.calls] == ["clip_norm_pass", "scale_pass"]
+    norm_args, scale_args = fake.calls[0][1], fake.calls[1][1]
+    assert norm_args[7] is table.tickets and norm_args[9].item() == 0.5 and norm_args[11:] == (-1.0, 1.0, 0.75, 1e-6, 1)
+    # the caller bumped the versions as it found the table (ops.steady_clip): the entry is given no gradient
+    assert scale_args[0] == () and scale_args[1].data_ptr() == table.exact_sections()[0].data_ptr()
+    assert scale_args[7] is coef and scale_args[8].item() == 0.5 and scale_args[9:] == (-1.0, 1.0, found_inf, True)
+    assert all(bitwise_equal(g, w) for g, w in zip(grads, want))  # the pass wrote through the table's pointers
+    assert per_tensor.shape == (3,) and total.shape == post.shape == ()
+
+
 def test_clip_finalize_fills_a_number_bound_once():
     fake = FakeExtension()
     adapter = cuda_backend.CudaBackend(fake)
@@ -309,6 +327,29 @@ def test_gpu_a_clip_is_two_launches_three_per_tensor_and_per_group_one_deferred(
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
     clipper = ampclip.FusedClipper(params, max_norm=1.0, backend="cuda")
     assert _steady_launches(lambda: clipper.clip_(inv, defer_to=optimizer)) == (1, [])
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+def test_gpu_a_steady_clip_gathers_nothing_and_equals_the_general_one(monkeypatch):
+    import ampclip
+
+    params, twin = _cuda_params(300), _cuda_params(300)
+    for p, q in zip(params, twin):
+        q.grad.copy_(p.grad)
+    inv = torch.tensor(0.5, device="cuda")
+    clipper, twin_clipper = (ampclip.FusedClipper(ps, max_norm=1.0, backend="cuda") for ps in (params, twin))
+    with monkeypatch.context() as general_only:
+        general_only.setattr(ops, "steady_clip", lambda *args, **kwargs: None)
+        want = [twin_clipper.clip_(inv) for _ in range(2)]
+    clipper.clip_(inv)  # builds the table
+    for name in ("gathered", "present_grads"):
+        monkeypatch.setattr(ops, name, lambda *args: pytest.fail("the steady clip gathered the gradients"))
+    got = clipper.clip_(inv)
+    for field in ("total_norm", "clip_coef", "post_clip_norm", "found_inf", "per_tensor_norms"):
+        assert bitwise_equal(getattr(got, field), getattr(want[1], field)), field
+    for p, q in zip(params, twin):
+        assert bitwise_equal(p.grad, q.grad)
 
 
 @pytest.mark.gpu

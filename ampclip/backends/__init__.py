@@ -46,7 +46,8 @@ class Backend:
         fused_clip_modes: the clip modes ("global", "per_tensor") whose ``clip_norm_pass`` is one pass of its
             own (the GPU backends' last-block norm pass), so a clip takes it; in the others a clip runs the
             norm pass and ``clip_finalize``, as the default ``clip_norm_pass`` would, without computing a
-            ``grad_scale`` it does not need.
+            ``grad_scale`` it does not need. A backend with such modes runs on tensor tables
+            (``tensor_table.py``) and has :meth:`clip_on_table`.
     """
 
     name: str = ""
@@ -80,6 +81,13 @@ class Backend:
             return NotImplemented
         coef, _, _, post = finalized
         return per_tensor, total, found_inf, coef, post, reference.grad_scale(inv_scale, coef, mode)
+
+    def clip_on_table(self, table, inv_scale, norm_type, clamp, max_norm, mode, eps, rule, zero_if_inf):
+        """A whole clip of a fused mode on the tensors of ``table``, whose layout and versions the caller
+        has seen to (``ops.steady_clip``): ``clip_norm_pass`` then ``scale_pass``, the write skipped or
+        zeroed on found_inf, ``(per_tensor, total, found_inf, coef, post_clip_norm)``. Only for backends with
+        ``fused_clip_modes``."""
+        raise NotImplementedError
 
     # ---------------------------------------------------------------------------- small ops
     def clip_finalize(self, per_tensor, total, max_norm, mode, group_index, num_groups, norm_type, eps, rule):

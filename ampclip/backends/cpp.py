@@ -110,6 +110,13 @@ def bump_versions(tensors) -> None:
         _C.bump_versions(tensors)
 
 
+def claim_grads(params, signature) -> bool:
+    """Whether every parameter has a gradient and their :func:`tensor_signature` is ``signature`` (bytes), in one
+    C++ loop that makes no list of them and bumps each gradient's version as it matches (the caller writes them
+    next); False without the extension."""
+    return _C is not None and _C.claim_grads(params, signature)
+
+
 def signature_matches(tensors, signature) -> bool:
     """Whether :func:`tensor_signature` of ``tensors`` would give ``signature`` (bytes), compared in place; False
     without the extension."""

@@ -47,25 +47,37 @@ class CudaBackend(Backend):
         self._C = ext
         self._bounds: dict = {}  # a number bound of clip_finalize as a device scalar, made once
 
-    def _norm_args(self, grads, inv_scale, norm_type, clamp) -> tuple:
+    def _norm_args(self, table, inv_scale, norm_type, clamp) -> tuple:
         """The arguments every norm pass takes: the table (its non-contiguous tensors staged), its ticket
         counters, the scale, the norm and the clamp."""
         if not norm_type > 0:
             raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
-        table = tensor_table(grads)
-        table.stage_in(grads)
         lo, hi = clamp if clamp is not None else (None, None)
         return (*table.exact_sections(), table.chunk, table.has_fp64, table.tickets, table.num_filled,
                 _float32(inv_scale, table.buffer.device), float(norm_type), lo, hi)
 
+    def _staged_table(self, grads):
+        table = tensor_table(grads)
+        table.stage_in(grads)
+        return table
+
     def norm_pass(self, grads, inv_scale, norm_type, clamp):
-        return self._C.cuda_norm_pass(*self._norm_args(grads, inv_scale, norm_type, clamp))
+        return self._C.cuda_norm_pass(*self._norm_args(self._staged_table(grads), inv_scale, norm_type, clamp))
 
     def clip_norm_pass(self, grads, inv_scale, norm_type, clamp, max_norm, mode, eps, rule):
         if mode != 0:  # per tensor: the norm pass, then clip_finalize
             return super().clip_norm_pass(grads, inv_scale, norm_type, clamp, max_norm, mode, eps, rule)
-        return self._C.cuda_clip_norm_pass(*self._norm_args(grads, inv_scale, norm_type, clamp), float(max_norm),
+        return self._clip_norm_on_table(self._staged_table(grads), inv_scale, norm_type, clamp, max_norm, eps, rule)
+
+    def _clip_norm_on_table(self, table, inv_scale, norm_type, clamp, max_norm, eps, rule):
+        return self._C.cuda_clip_norm_pass(*self._norm_args(table, inv_scale, norm_type, clamp), float(max_norm),
                                            float(eps), int(rule))
+
+    def clip_on_table(self, table, inv_scale, norm_type, clamp, max_norm, mode, eps, rule, zero_if_inf):
+        per_tensor, total, found_inf, coef, post, _ = self._clip_norm_on_table(table, inv_scale, norm_type, clamp,
+                                                                               max_norm, eps, rule)
+        self._scale_table((), table, coef, inv_scale, clamp, found_inf, zero_if_inf)  # versions bumped already
+        return per_tensor, total, found_inf, coef, post
 
     def scale_pass(self, grads, coef, inv_scale, clamp, found_inf, zero_if_inf):
         table = table_to_write(grads, coef, lambda g, c: self.scale_pass(g, c, inv_scale, clamp, found_inf,
@@ -74,16 +86,20 @@ class CudaBackend(Backend):
             return
         if coef.numel() not in (1, table.num_tensors):
             raise ValueError(f"coef must hold 1 or {table.num_tensors} elements, got {coef.numel()}")
+        table.stage_in(grads)
+        self._scale_table(grads, table, coef, inv_scale, clamp, found_inf, zero_if_inf)
+        table.stage_out(grads)
+
+    def _scale_table(self, grads, table, coef, inv_scale, clamp, found_inf, zero_if_inf):
+        """The scale pass on ``table``, then a version bump of each of ``grads``."""
         device = table.buffer.device
         # float32 or float64, 0-d or [T] (a float16/bfloat16 coefficient widens exactly to float32)
         coef = _on(coef, device, torch.float64 if coef.dtype == torch.float64 else torch.float32)
         if coef.numel() != 1:
             coef = coef.reshape(-1)
-        table.stage_in(grads)
         lo, hi = clamp if clamp is not None else (None, None)
         self._C.cuda_scale_pass(grads, *table.exact_sections(), table.chunk, coef, _float32(inv_scale, device), lo, hi,
                                 _float32(found_inf, device), bool(zero_if_inf))
-        table.stage_out(grads)
 
     def clip_finalize(self, per_tensor, total, max_norm, mode, group_index, num_groups, norm_type, eps, rule):
         device = per_tensor.device

@@ -48,6 +48,12 @@ class TritonBackend(Backend):
         table.stage_in(grads)
         return self._k.fused_norm_triton(table, inv_scale, norm_type, clamp, (max_norm, mode, eps, rule))
 
+    def clip_on_table(self, table, inv_scale, norm_type, clamp, max_norm, mode, eps, rule, zero_if_inf):
+        per_tensor, total, found_inf, coef, post, _ = self._k.fused_norm_triton(table, inv_scale, norm_type, clamp,
+                                                                                (max_norm, mode, eps, rule))
+        self._k.fused_scale_triton(table, coef, inv_scale, clamp, found_inf, zero_if_inf)
+        return per_tensor, total, found_inf, coef, post
+
     def scale_pass(self, grads, coef, inv_scale, clamp, found_inf, zero_if_inf):
         table = table_to_write(grads, coef, lambda g, c: self.scale_pass(g, c, inv_scale, clamp, found_inf,
                                                                         zero_if_inf))
