@@ -299,9 +299,9 @@ def gathered(params: Sequence[torch.Tensor]):
         found = _cpp.present_grads(params, last.signature if last is not None else None)
         if found is not None:
             grads, indices, device, ready, matched = found
-            if matched:  # the last table fits them: the passes find it without checking again
-                grads = tensor_table.Checked(grads, last)
-            return indices, grads, device, ready
+            # when the last table fits them, the passes find it without checking again; else the first pass
+            # that finds or builds their table leaves it there for the next
+            return indices, tensor_table.Checked(grads, last if matched else None), device, ready
     grads = grads_of(params)  # a TypeError for anything that is not a tensor
     indices = [i for i, p in enumerate(params) if p.grad is not None] if len(grads) != len(params) else None
     devices = {g.device for g in grads}

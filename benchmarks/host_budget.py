@@ -2,7 +2,8 @@
 no-ops (the interpreter would run the kernels on the host), beside the unit ``[p.grad for p in params]``, at 20,
 2000 and 10000 gradients. The steady clip (the last table's gradients): finding the table again, which compares
 each ``.grad`` with it and bumps its version, and the two launches on it. The general path, which a clip of
-another list takes: gathering the gradients, each pass's way to its launch, the version bumps.
+another list takes: gathering the gradients, each pass's way to its launch, the version bumps; and a table
+built anew, as on every step whose gradients moved, with its rows read in C++ and in Python.
 
     python -m benchmarks.host_budget > benchmarks/results/<date>/host-path-budget.txt
 
@@ -54,8 +55,23 @@ def rows(n: int) -> dict:
         "  scale pass: ops to the launch, version bumps": us(lambda: ops.scale_pass(grads, coef, inv,
                                                                                      backend="triton")),
         "  of which: version bumps (one C++ loop)": us(lambda: cpp.bump_versions(grads)),
+        "a table built (gradients that moved): signature, rows in one C++ loop, copy": us(lambda: built(grads)),
+        "  the same, its rows read in Python (as without the extension)": us(lambda: built(grads, python=True)),
         "unit: [p.grad for p in params]": us(lambda: [p.grad for p in params]),
     }
+
+
+def built(grads, python: bool = False):
+    """The table of ``grads`` built anew, as on a step whose gradients moved (cache emptied first)."""
+    tensor_table.clear_cache()
+    if not python:
+        return tensor_table.tensor_table(list(grads))
+    rows = tensor_table.table_rows
+    tensor_table.table_rows = lambda tensors, chunk: None
+    try:
+        return tensor_table.tensor_table(list(grads))
+    finally:
+        tensor_table.table_rows = rows
 
 
 def main() -> int:

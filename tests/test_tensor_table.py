@@ -81,7 +81,51 @@ def test_table_cache_without_the_extension(monkeypatch):
     assert cache_info()["tables"] < before
 
 
-def test_the_table_knows_what_a_write_must_know():
+@pytest.fixture(params=["compiled", "python"])
+def builder(request, monkeypatch):
+    """Tables built by the extension's table_rows, or by the Python build that stands in without it."""
+    if request.param == "compiled" and not ops.available_backends()["cpp"]:
+        pytest.skip("needs the compiled extension")
+    if request.param == "python":
+        monkeypatch.setattr(tensor_table, "table_rows", lambda tensors, chunk: None)
+    return request.param
+
+
+def _mixed_gradients():
+    """Odd sizes, every dtype, zero-size, non-contiguous (transposed, sliced, stride 2), misaligned views,
+    overlapping views, an expanded one."""
+    base = torch.randn(9000)
+    return [torch.randn(1), torch.randn(3).half(), torch.randn(4097).bfloat16(), torch.empty(0),
+            torch.randn(33, 17, dtype=torch.float64), torch.randn(7, 0), torch.randn(40, 30).t(), base[1:2500],
+            base[::2], base[2000:2100], torch.randn(1).expand(5), torch.randn(2, 3, 5)[:, 1:], torch.randn(70000)]
+
+
+@needs_extension
+@pytest.mark.parametrize("chunk", [1, 1000, 1024, tensor_table.CHUNK])
+@pytest.mark.parametrize("count", [1, 2, 13, 300])
+def test_the_compiled_rows_are_the_python_ones(chunk, count):
+    grads = (_mixed_gradients() * 25)[:count]
+    compiled, python = cpp.table_rows(grads, chunk), tensor_table._rows(grads, chunk)
+    assert torch.equal(compiled[0], python[0])  # every section, padding included
+    assert compiled[1:] == python[1:]
+
+
+@needs_extension
+def test_the_compiled_rows_leave_what_they_cannot_take_to_the_python_build():
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    for grads in ([], [torch.ones(3, dtype=torch.int64)], [torch.randn(3), torch.randn(3, dtype=torch.complex64)],
+                  [torch.randn(3).to_sparse()], [torch.randn(3), torch.empty(3, device="meta")],
+                  [TwoTensor(torch.randn(3), torch.randn(3))], [torch.randn(3), "not a tensor"],
+                  (g for g in [torch.randn(3)])):
+        assert cpp.table_rows(grads, 1024) is None
+    with pytest.raises(ValueError, match="chunk must be > 0"):
+        cpp.table_rows([torch.randn(3)], 0)
+    with pytest.raises(TypeError, match="takes 2 arguments"):
+        cpp._C.table_rows([torch.randn(3)])
+
+
+def test_the_table_knows_what_a_write_must_know(builder):
     base = torch.randn(100)
     assert table_of([base[:60], base[40:]]).aliased  # overlapping views
     assert table_of([base, torch.randn(3), base]).aliased  # one tensor twice
@@ -91,7 +135,7 @@ def test_the_table_knows_what_a_write_must_know():
         table_of([torch.ones(3, dtype=torch.int64)])
 
 
-def test_codes_mark_tensors_whose_chunks_start_16_byte_aligned():
+def test_codes_mark_tensors_whose_chunks_start_16_byte_aligned(builder):
     buf = torch.randn(5000)
     grads = [buf, buf[1:], buf[4:].half(), torch.randn(7, dtype=torch.float64), torch.empty(0)]
     codes = table_of(grads).codes[: len(grads)].tolist()
@@ -104,7 +148,7 @@ def test_codes_mark_tensors_whose_chunks_start_16_byte_aligned():
     assert table_of([buf.half()], chunk=1000).codes[0].item() & tensor_table.ALIGNED
 
 
-def test_exact_sections_are_views_at_their_lengths():
+def test_exact_sections_are_views_at_their_lengths(builder):
     grads = [torch.randn(5000), torch.randn(3), torch.empty(0)]
     table = table_of(grads, chunk=1024)
     sections = table.exact_sections()

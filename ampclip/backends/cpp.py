@@ -117,6 +117,12 @@ def claim_grads(params, signature) -> bool:
     return _C is not None and _C.claim_grads(params, signature)
 
 
+def table_rows(tensors, chunk: int):
+    """A tensor table's host rows and what it must know of its tensors, read in one C++ loop (see
+    ``tensor_table._rows``, the same in Python); None without the extension or for input it does not take."""
+    return None if _C is None else _C.table_rows(tensors, chunk)
+
+
 def signature_matches(tensors, signature) -> bool:
     """Whether :func:`tensor_signature` of ``tensors`` would give ``signature`` (bytes), compared in place; False
     without the extension."""

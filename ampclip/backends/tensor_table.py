@@ -21,9 +21,10 @@ arguments on 16-byte alignment; unaligned sections would compile extra variants)
 Zero-size tensors own no chunk but keep their row, so row t is always grads[t] (per-tensor coefficients and
 norms index the table directly, no index map).
 
-Caching: building a table costs a Python loop over the tensors and a host-to-device copy (about 5 ms for
-2,000 tensors on a slow host), and a copy during CUDA-graph capture is not allowed at all, so tables are
-cached, and found again by a signature of the gradient list:
+Building a table reads every tensor's pointer, size, dtype, layout and extent (in one C++ loop with the
+compiled extension, ``ampclip._C.table_rows``: about 90 us for 2,000 tensors on a 2-core CPU; in Python without
+it, ``_rows``: about 3.7 ms) and copies the rows to the device. A copy during CUDA-graph capture is not allowed
+at all, so tables are cached, and found again by a signature of the gradient list:
 
 * With the compiled extension, ``ampclip._C.tensor_signature``: per tensor its data pointer, element count,
   dtype, device, sizes and strides, packed into bytes in C++ with a 64-bit hash as the dictionary key, and
@@ -58,7 +59,7 @@ from typing import Optional
 import torch
 
 from ..contract import check_grads
-from .cpp import signature_matches, tensor_signature
+from .cpp import signature_matches, table_rows, tensor_signature
 
 CHUNK = 32768  # elements per program: 64 KiB of fp16, 32 iterations of a 1024-wide block, enough to hide
 # a program's start-up; GPT-2 1.5B (1.56e9 elements) is ~48K programs, plenty for 132 SMs.
@@ -84,39 +85,28 @@ class TensorTable:
                  "_refs", "_exact", "_tickets", "__weakref__")
 
     def __init__(self, key, signature, grads: list[torch.Tensor], chunk: int, watch_lifetimes: bool):
-        check_grads(grads)  # bad input is an error before any kernel runs
-        device = grads[0].device
-        # What a write must know (a table serves reads and writes alike): the first gradient whose elements
-        # share memory (expanded, stride 0: it cannot be written in place), and whether two gradients share
-        # memory (then they are scaled one after the other, as torch does, never by racing programs).
-        self.expanded = next((i for i, g in enumerate(grads) if torch._debug_has_internal_overlap(g) == 1), None)
-        self.aliased = _share_memory(grads)
+        # bad input is an error before any kernel runs (the Python build's check_grads; the C++ one takes only
+        # what passes it)
+        rows = table_rows(grads, chunk)
+        if rows is None:
+            rows = _rows(grads, chunk)
+        host, c, self.num_filled, self.has_fp64, self.expanded, self.aliased, strided = rows
+        # What a write must know (a table serves reads and writes alike): `expanded`, the first gradient whose
+        # elements share memory (stride 0: it cannot be written in place), and `aliased`, whether two gradients
+        # share memory (then they are scaled one after the other, as torch does, never by racing programs).
         self.key = key
         self.signature = signature
         self.chunk = chunk
         self.num_tensors = n = len(grads)
-        self.has_fp64 = any(g.dtype == torch.float64 for g in grads)
-        # (index, staging buffer) of every non-contiguous gradient with elements
-        self.staging = [(i, torch.empty(g.shape, dtype=g.dtype, device=device))
-                        for i, g in enumerate(grads) if g.numel() and not g.is_contiguous()]
-        staged = {i: s for i, s in self.staging}
-        ptrs = [staged[i].data_ptr() if i in staged else g.data_ptr() for i, g in enumerate(grads)]
-        numels = [g.numel() for g in grads]
-        counts = torch.tensor([(m + chunk - 1) // chunk for m in numels], dtype=torch.int64)
-        begin = torch.zeros(n + 1, dtype=torch.int64)
-        torch.cumsum(counts, 0, out=begin[1:])
-        self.num_chunks = c = int(begin[-1])
-        self.num_filled = int((counts > 0).sum())  # tensors that own a chunk
-        sizes = [_even(n), _even(n), _even(n), _even(n + 1), _even(c)]
-        host = torch.zeros(sum(sizes), dtype=torch.int64)
-        sections = list(host.split(sizes))
-        sections[0][:n] = torch.tensor(ptrs, dtype=torch.int64) if n else 0
-        sections[1][:n] = torch.tensor(numels, dtype=torch.int64) if n else 0
-        codes = [DTYPE_CODES[g.dtype] | (ALIGNED if _aligned(ptr, chunk * g.element_size()) else 0)
-                 for g, ptr in zip(grads, ptrs)]
-        sections[2][:n] = torch.tensor(codes, dtype=torch.int64) if n else 0
-        sections[3][: n + 1] = begin
-        sections[4][:c] = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), counts)
+        self.num_chunks = c
+        device = grads[0].device
+        # (index, staging buffer) of every non-contiguous gradient with elements: its row points at the buffer
+        self.staging = [(i, torch.empty(grads[i].shape, dtype=grads[i].dtype, device=device)) for i in strided]
+        sizes = _section_sizes(n, c)
+        ptrs, _, codes, _, _ = host.split(sizes)
+        for i, buf in self.staging:
+            ptrs[i] = buf.data_ptr()
+            codes[i] = _code(buf, buf.data_ptr(), chunk)
         self.buffer = to_device(host, device)  # one asynchronous copy, on a miss only
         self.dev_ptrs, self.numels, self.codes, self.chunk_begin, self.chunk_tensor = self.buffer.split(sizes)
         self._exact = None
@@ -169,8 +159,42 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _aligned(ptr: int, chunk_bytes: int) -> bool:
-    return ptr % VECTOR_BYTES == 0 and chunk_bytes % VECTOR_BYTES == 0
+def _section_sizes(n: int, chunks: int) -> list[int]:
+    """The lengths of the five sections of a table of ``n`` tensors and ``chunks`` chunks, each even."""
+    return [_even(n), _even(n), _even(n), _even(n + 1), _even(chunks)]
+
+
+def _code(t: torch.Tensor, ptr: int, chunk: int) -> int:
+    """The codes section's entry of tensor ``t`` whose data the table reads at ``ptr``."""
+    aligned = ptr % VECTOR_BYTES == 0 and chunk * t.element_size() % VECTOR_BYTES == 0
+    return DTYPE_CODES[t.dtype] | (ALIGNED if aligned else 0)
+
+
+def _rows(grads: list[torch.Tensor], chunk: int) -> tuple:
+    """What ``_C.table_rows`` returns, in Python (without the extension, and for input it does not take, which
+    ``check_grads`` refuses with a clear error)::
+
+        (host, num_chunks, num_filled, has_fp64, expanded, aliased, strided)
+    """
+    check_grads(grads)
+    n = len(grads)
+    numels = [g.numel() for g in grads]
+    ptrs = [g.data_ptr() for g in grads]
+    counts = torch.tensor([(m + chunk - 1) // chunk for m in numels], dtype=torch.int64)
+    begin = torch.zeros(n + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=begin[1:])
+    c = int(begin[-1])
+    host = torch.zeros(sum(_section_sizes(n, c)), dtype=torch.int64)
+    sections = host.split(_section_sizes(n, c))
+    sections[0][:n] = torch.tensor(ptrs, dtype=torch.int64)
+    sections[1][:n] = torch.tensor(numels, dtype=torch.int64)
+    sections[2][:n] = torch.tensor([_code(g, ptr, chunk) for g, ptr in zip(grads, ptrs)], dtype=torch.int64)
+    sections[3][: n + 1] = begin
+    sections[4][:c] = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), counts)
+    expanded = next((i for i, g in enumerate(grads) if torch._debug_has_internal_overlap(g) == 1), None)
+    strided = [i for i, g in enumerate(grads) if g.numel() and not g.is_contiguous()]
+    return (host, c, int((counts > 0).sum()), any(g.dtype == torch.float64 for g in grads), expanded,
+            _share_memory(grads), strided)
 
 
 def _share_memory(grads: list[torch.Tensor]) -> bool:
@@ -239,10 +263,11 @@ def tensor_table(grads: list[torch.Tensor], chunk: int = CHUNK) -> TensorTable:
 
 
 class Checked(list):
-    """Gradients whose layout was compared with ``table``'s, in the loop that gathered them (``ops.gathered``):
-    the passes of one clip then find that table without a loop of their own. Made by ops for those passes and
-    never handed back to the caller; a change to the list forgets the table (a change to a tensor's data pointer
-    or shape between the gathering and the passes would not be seen: nothing between them makes one)."""
+    """Gradients whose layout was compared with ``table``'s, in the loop that gathered them (``ops.gathered``), or
+    by the lookup of their first pass (``table`` None until then): the other passes of one clip then find that
+    table without a loop of their own. Made by ops for those passes and never handed back to the caller; a change
+    to the list forgets the table (a change to a tensor's data pointer or shape between the gathering and the
+    passes would not be seen: nothing between them makes one)."""
 
     __slots__ = ("table",)
 
@@ -278,7 +303,10 @@ def last_table() -> Optional[TensorTable]:
 
 
 def _found(table: TensorTable, grads: list[torch.Tensor]) -> TensorTable:
-    """``table``, the one of ``grads``, marked most recently used."""
+    """``table``, the one of ``grads``, marked most recently used (and kept with ``grads`` when they are a
+    ``Checked`` list, for their next pass)."""
+    if type(grads) is Checked:
+        grads.table = table
     _cache.move_to_end(table.key)
     if isinstance(table.signature, bytes) and (not _recent or _recent[0] is not table):
         _forget(table)
