@@ -309,8 +309,8 @@ class FusedClipper:
             drop_deferred_scale(optimizer)
         if defer_to is not None:
             self._check_deferrable(defer_to)
-        elif self._meter is None and self._flat is None and not self.strategy.own_passes:
-            steady = self._steady_clip(inv, max_norm)
+        if self._meter is None and self._flat is None and not self.strategy.own_passes:
+            steady = self._steady_clip(inv, max_norm, defer_to)
             if steady is not None:
                 return steady
         indices, grads = ops.present_grads(self.params)
@@ -347,13 +347,11 @@ class FusedClipper:
                 self.coef_rule, backend=self.backend)
         zero_if_inf = self.on_nonfinite == "zero"
         if defer_to is not None:
-            defer_to.grad_scale = grad_scale if grad_scale is not None else (coef if inv is None else
-                                                                              inv * coef).reciprocal()
-            defer_to.found_inf = found_inf
             if zero_if_inf:  # coefficient 1: nothing is written unless found_inf is set
                 ops.scale_pass(grads, self._one, None, None, found_inf, True, backend=self.backend)
-            # taken after the clip's own writes: any later change to the gradients voids the scale
-            setattr(defer_to, _DEFERRED_FOR, _GradientMark(self.params[0 if indices is None else indices[0]]))
+            if grad_scale is None:
+                grad_scale = (coef if inv is None else inv * coef).reciprocal()
+            _defer(defer_to, grad_scale, found_inf, self.params[0 if indices is None else indices[0]])
         else:
             targets = grads
             if self._flat is not None and coef.dim() == 0 and indices is None and self._flat_intact():
@@ -363,17 +361,20 @@ class FusedClipper:
         return ClipStats(total, reported, post, found_inf, per_tensor, self._present_names(indices),
                          group_norms if self.mode == "per_group" else None)
 
-    def _steady_clip(self, inv, max_norm: BoundOverride) -> Optional[ClipStats]:
+    def _steady_clip(self, inv, max_norm: BoundOverride, defer_to) -> Optional[ClipStats]:
         """The clip of the same gradients' table as the last clip's, the bound known: ``ops.steady_clip``, two
-        launches and a few ns a gradient of host time (None when it does not apply)."""
+        launches (one deferred) and a few ns a gradient of host time (None when it does not apply)."""
         known = self._known_bound(max_norm)
-        if known is None:
+        zero_if_inf = self.on_nonfinite == "zero"
+        if known is None or (defer_to is not None and zero_if_inf):  # a deferred zeroing writes: the general path
             return None
         done = ops.steady_clip(self.params, inv, self.norm_type, self.value_clip, known, self.mode, self.eps,
-                               self.coef_rule, self.on_nonfinite == "zero", self.backend)
+                               self.coef_rule, zero_if_inf, self.backend, write=defer_to is None)
         if done is None:
             return None
-        per_tensor, total, found_inf, coef, post = done
+        per_tensor, total, found_inf, coef, post, grad_scale = done
+        if defer_to is not None:
+            _defer(defer_to, grad_scale, found_inf, self.params[0])
         return ClipStats(total, coef, post, found_inf, per_tensor, self.names)
 
     def _known_bound(self, max_norm: BoundOverride) -> Optional[float]:
@@ -457,6 +458,15 @@ def drop_deferred_scale(optimizer) -> None:
 
 
 _DEFERRED_FOR = "_ampclip_deferred_for"  # the optimizer attribute holding the _GradientMark of a deferred clip
+
+
+def _defer(optimizer, grad_scale: torch.Tensor, found_inf: torch.Tensor, first: torch.Tensor) -> None:
+    """Hands a clip's ``grad_scale`` and ``found_inf`` to a fused optimizer's next step, marked with the gradient
+    of ``first`` (the first parameter that has one) as it is now, after the clip's own writes: any later change
+    to the gradients voids the scale."""
+    optimizer.grad_scale = grad_scale
+    optimizer.found_inf = found_inf
+    setattr(optimizer, _DEFERRED_FOR, _GradientMark(first))
 
 
 class _GradientMark:

@@ -835,14 +835,17 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float, norm_type: float 
 
 
 def steady_clip(params: Sequence[torch.Tensor], inv_scale: Optional[torch.Tensor], norm_type: float, clamp: Clamp,
-                max_norm: float, mode: str, eps: float, rule: str, zero_if_inf: bool, backend: Optional[str]):
+                max_norm: float, mode: str, eps: float, rule: str, zero_if_inf: bool, backend: Optional[str],
+                write: bool = True):
     """The clip of a training loop's steady state, where the same parameters are clipped every step: when every
     parameter of ``params`` has a gradient and they are exactly the tensors of the table found last (pointers,
-    sizes, strides, dtypes), that table serves as it is. One C++ loop compares each ``.grad`` with it and bumps
-    its version (``zero_grad(set_to_none=True)`` makes new gradients, which the caching allocator may put at
-    the old addresses): no list of gradients is made, and the clip's two launches run on the table.
-    ``(per_tensor, total, found_inf, coef, post_clip_norm)``; written in place as ``clip_norm_pass`` then
-    ``scale_pass`` would, the write skipped (or zeroed, ``zero_if_inf``) on found_inf.
+    sizes, strides, dtypes), that table serves as it is. One C++ loop compares each ``.grad`` with it (and bumps
+    its version when the clip writes): no list of gradients is made, and the clip's passes run on the table.
+    ``zero_grad(set_to_none=True)`` makes new gradients, which the caching allocator may put at the old addresses.
+
+    Returns :func:`clip_norm_pass`'s ``(per_tensor, total, found_inf, coef, post_clip_norm, grad_scale)``; with
+    ``write`` the gradients are then scaled in place as :func:`scale_pass` would (skipped, or zeroed with
+    ``zero_if_inf``, on found_inf); without, they are left for a fused optimizer to scale by ``grad_scale``.
 
     None when it does not apply: another table, a missing gradient, a backend without a fused coefficient for
     ``mode``, gradients that are staged, expanded or share memory, a trace, a CUDA graph capture (which keeps
@@ -861,10 +864,13 @@ def steady_clip(params: Sequence[torch.Tensor], inv_scale: Optional[torch.Tensor
     impl = _impl(resolve_backend(backend, device))
     if mode not in impl.fused_clip_modes or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return None
-    if not _cpp.claim_grads(params, table.signature):
+    if not _cpp.claim_grads(params, table.signature, write):
         return None
-    return impl.clip_on_table(table, inv_scale, norm_type, clamp, max_norm, MODES[mode], float(eps), RULES[rule],
-                              zero_if_inf)
+    out = impl.clip_norm_pass_on_table(table, inv_scale, norm_type, clamp, max_norm, MODES[mode], float(eps),
+                                       RULES[rule])
+    if write:
+        impl.scale_pass_on_table(table, out[3], inv_scale, clamp, out[2], zero_if_inf)
+    return out
 
 
 def raise_if_nonfinite(total: torch.Tensor, norm_type: float) -> None:

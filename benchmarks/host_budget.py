@@ -46,9 +46,8 @@ def rows(n: int) -> dict:
     return {
         "FusedClipper.clip_, whole call (the steady clip)": us(lambda: clipper.clip_(inv)),
         "  find the table again: compare each .grad, bump its version (one C++ loop)":
-            us(lambda: cpp.claim_grads(params, table.signature)),
-        "  the two launches on the table (adapter to the launches)":
-            us(lambda: triton.clip_on_table(table, inv, 2.0, None, 1.0, 0, ops.EPS, 0, False)),
+            us(lambda: cpp.claim_grads(params, table.signature, True)),
+        "  the two launches on the table (adapter to the launches)": us(lambda: two_passes(triton, table, inv)),
         "the general path: gather .grad, check the table's layout (one C++ loop)": us(lambda: ops.gathered(params)),
         "  norm pass: ops to the launch (table found in O(1))":
             us(lambda: ops.clip_norm_pass(grads, inv, 2.0, max_norm=1.0, backend="triton")),
@@ -59,6 +58,13 @@ def rows(n: int) -> dict:
         "  the same, its rows read in Python (as without the extension)": us(lambda: built(grads, python=True)),
         "unit: [p.grad for p in params]": us(lambda: [p.grad for p in params]),
     }
+
+
+def two_passes(backend, table, inv):
+    """The steady clip's passes on ``table``: the norm pass that computes the coefficient, the scale pass."""
+    per_tensor, total, found_inf, coef, post, _ = backend.clip_norm_pass_on_table(table, inv, 2.0, None, 1.0, 0,
+                                                                                  ops.EPS, 0)
+    backend.scale_pass_on_table(table, coef, inv, None, found_inf, False)
 
 
 def built(grads, python: bool = False):

@@ -148,26 +148,28 @@ PyObject* present_grads(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
   END_HANDLE_TH_ERRORS
 }
 
-// claim_grads(params: list | tuple, signature: bytes) -> bool
+// claim_grads(params: list | tuple, signature: bytes, bump: bool) -> bool
 //
 // Whether every parameter has a gradient and the gradients' tensor_signature is `signature`: then they are
 // exactly the tensors of the table that signature belongs to, and a clip launches on that table as it is. The
 // steady state of a training loop, which clips the same parameters every step: one loop over the parameters,
 // that reads each .grad (zero_grad(set_to_none=True) makes new ones) and makes no Python object, where
-// present_grads builds the list of gradients. The caller writes the gradients through the table next, so the
-// loop bumps each one's version counter once its words matched, as torch's in-place ops do (an inference
-// tensor has none); after a miss further on, the gradients before it stay bumped once more than they were
-// written, which costs nothing: a version is only compared for equality with a saved one. False when a
+// present_grads builds the list of gradients. With `bump`, the caller writes the gradients through the table
+// next, so the loop bumps each one's version counter once its words matched, as torch's in-place ops do (an
+// inference tensor has none); after a miss further on, the gradients before it stay bumped once more than they
+// were written, which costs nothing: a version is only compared for equality with a saved one. False when a
 // parameter is not a plain Tensor or Parameter, or a gradient is missing, a wrapper, not dense, or differs from
 // the signature.
 PyObject* claim_grads(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (!check_nargs(nargs, 2, "claim_grads(params, signature)")) return nullptr;
+  if (!check_nargs(nargs, 3, "claim_grads(params, signature, bump)")) return nullptr;
   PyObject* params = args[0];
   if (!PyList_Check(params) && !PyTuple_Check(params)) {
     return error(Bad::kType, "claim_grads: params must be a list or a tuple");
   }
   if (!PyBytes_Check(args[1])) return error(Bad::kType, "claim_grads: signature must be bytes");
+  bool bump = false;
+  if (!bool_arg(args[2], "claim_grads", "bump", bump)) return nullptr;
   const char* signature = PyBytes_AS_STRING(args[1]);
   const size_t size = static_cast<size_t>(PyBytes_GET_SIZE(args[1])) / sizeof(uint64_t);
   const auto word = [signature](size_t k) {
@@ -196,7 +198,7 @@ PyObject* claim_grads(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
       same &= (word(at) == static_cast<uint64_t>(sizes[d])) & (word(at + 1) == static_cast<uint64_t>(strides[d]));
     }
     if (!same) Py_RETURN_FALSE;
-    bump_version(grad.unsafeGetTensorImpl());
+    if (bump) bump_version(grad.unsafeGetTensorImpl());
   }
   if (at != size) Py_RETURN_FALSE;
   Py_RETURN_TRUE;
@@ -362,7 +364,8 @@ PyMethodDef table_methods[] = {
      "(gradients that exist, their parameter indices or None when all exist, their one device or None, whether "
      "the kernels take every one, whether their signature is the one given); None for non-plain parameters."},
     {"claim_grads", AMPCLIP_FASTCALL(claim_grads),
-     "Whether the parameters' gradients (all present) have the signature given; bumps each version as it matches."},
+     "Whether the parameters' gradients (all present) have the signature given; with bump, bumps each version as it "
+     "matches."},
     {"tensor_signature", tensor_signature, METH_O,
      "(hash, bytes) of each tensor's data pointer, size, dtype, device, sizes and strides, for table caches."},
     {"bump_versions", bump_versions, METH_O, "Bumps the version counter of every tensor, as an in-place op does."},

@@ -218,7 +218,7 @@ def test_the_helpers_answer_none_or_a_result_for_anything(kind):
     dense = is_tensor and tensors[1].layout == torch.strided and not tensors[1].is_nested
     assert (_C.tensor_signature(tensors) is not None) == dense  # no strides to read otherwise
     assert (_C.present_grads(tensors, None) is not None) == is_tensor  # reads .grad of any tensor, of nothing else
-    assert _C.claim_grads(tensors, _C.tensor_signature([torch.randn(3), torch.randn(3)])[1]) is False  # no .grad
+    assert _C.claim_grads(tensors, _C.tensor_signature([torch.randn(3), torch.randn(3)])[1], True) is False  # no .grad
 
 
 @pytest.mark.parametrize("kind", sorted(ALWAYS_BAD - {"non-tensor", "string"}) + ["expanded"])
@@ -233,7 +233,7 @@ def test_claim_grads_misses_a_gradient_of_any_kind_it_was_not_built_from(kind):
         params[0].grad = bad
     except RuntimeError as exc:
         pytest.skip(f"torch itself refuses a {kind} gradient: {exc}")
-    assert _C.claim_grads(params, signature) is False
+    assert _C.claim_grads(params, signature, True) is False
 
 
 def test_results_are_owned_once():

@@ -224,14 +224,15 @@ def test_a_global_clip_is_one_call_and_a_per_tensor_one_the_norm_pass_and_the_fi
     assert [name for name, _ in fake.calls] == ["norm_pass", "clip_finalize"]
 
 
-def test_a_clip_on_a_table_is_the_fused_norm_pass_and_a_scale_pass_that_bumps_nothing_more():
+def test_the_passes_on_a_table_take_it_as_it_is_and_bump_nothing():
     grads = random_grads([(5,), (0,), (70000,)])
     table = tensor_table.tensor_table(grads)
     fake = FakeExtension(targets=grads)
     want = [g.clone() * 2 for g in grads]
     adapter = cuda_backend.CudaBackend(fake)
-    per_tensor, total, found_inf, coef, post = adapter.clip_on_table(table, torch.tensor(0.5), 2.0, (-1.0, 1.0), 0.75,
-                                                                     0, 1e-6, 1, True)
+    per_tensor, total, found_inf, coef, post, grad_scale = adapter.clip_norm_pass_on_table(
+        table, torch.tensor(0.5), 2.0, (-1.0, 1.0), 0.75, 0, 1e-6, 1)
+    adapter.scale_pass_on_table(table, coef, torch.tensor(0.5), (-1.0, 1.0), found_inf, True)
     assert [name for name, _ in fake.calls] == ["clip_norm_pass", "scale_pass"]
     norm_args, scale_args = fake.calls[0][1], fake.calls[1][1]
     assert norm_args[7] is table.tickets and norm_args[9].item() == 0.5 and norm_args[11:] == (-1.0, 1.0, 0.75, 1e-6, 1)
@@ -239,7 +240,7 @@ def test_a_clip_on_a_table_is_the_fused_norm_pass_and_a_scale_pass_that_bumps_no
     assert scale_args[0] == () and scale_args[1].data_ptr() == table.exact_sections()[0].data_ptr()
     assert scale_args[7] is coef and scale_args[8].item() == 0.5 and scale_args[9:] == (-1.0, 1.0, found_inf, True)
     assert all(bitwise_equal(g, w) for g, w in zip(grads, want))  # the pass wrote through the table's pointers
-    assert per_tensor.shape == (3,) and total.shape == post.shape == ()
+    assert per_tensor.shape == (3,) and total.shape == post.shape == grad_scale.shape == ()
 
 
 def test_clip_finalize_fills_a_number_bound_once():

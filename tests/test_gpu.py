@@ -137,25 +137,39 @@ def test_skipped_step_on_cuda_is_bit_identical():
             assert bitwise_equal(v, state[k][n])
 
 
-def test_training_loop_with_set_to_none_keeps_its_table():
+def test_training_loop_with_set_to_none_counts_its_table_builds(monkeypatch):
     # zero_grad(set_to_none=True) frees the gradients; the next backward allocates new ones. The table is
-    # keyed on addresses and sizes, so it is reused whenever the allocator hands out the same blocks.
+    # keyed on addresses and sizes, so it is reused whenever the allocator hands out the same blocks, and the
+    # steady clip (ops.steady_clip) takes the gradients when they are the last table's. What a plain loop
+    # gets is printed: nothing else allocates between the backward and the clip (the check against fp64 comes
+    # after the counted steps).
     from ampclip.backends import tensor_table as tk
 
+    steady = []  # what each clip's steady attempt gave (None: it took the general path)
+    steady_clip = ampclip.ops.steady_clip
+
+    def recorded(*args, **kwargs):
+        steady.append(steady_clip(*args, **kwargs))
+        return steady[-1]
+
+    monkeypatch.setattr(ampclip.ops, "steady_clip", recorded)
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(50)]).cuda()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     clipper = ampclip.FusedClipper(model.parameters(), max_norm=0.1)
     builds = []
-    for _ in range(6):
+    for _ in range(8):
         optimizer.zero_grad(set_to_none=True)
         model(torch.randn(8, 64, device="cuda")).square().mean().backward()
-        want = reference.exact_norm([p.grad for p in model.parameters()], 2.0)
-        stats = clipper.clip_()
-        assert rel_close(stats.total_norm.item(), want, 1e-5)
+        clipper.clip_()
         optimizer.step()
         builds.append(tk.cache_info()["builds"])
-    print(f"table builds after each of 6 steps with set_to_none=True: {builds}")
+    print(f"table builds after each of 8 steps with set_to_none=True: {builds}; steady clips: "
+          f"{[s is not None for s in steady]}")
+    optimizer.zero_grad(set_to_none=True)
+    model(torch.randn(8, 64, device="cuda")).square().mean().backward()
+    want = reference.exact_norm([p.grad for p in model.parameters()], 2.0)
+    assert rel_close(clipper.clip_().total_norm.item(), want, 1e-5)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

@@ -1,7 +1,8 @@
 """The steady-state clip (``ops.steady_clip``): a clip of the same parameters as the last table's, found again in
 one C++ loop over the parameters (``_C.claim_grads``) with no list of gradients made, then the two launches on
-that table. On the Triton backend under its interpreter, against fp64, against the general path, and with every
-change to the gradients that must send a clip back to the general path."""
+that table (one, deferred into a fused optimizer). On the Triton backend under its interpreter, against fp64,
+against the general path, and with every change to the gradients that must send a clip back to the general
+path."""
 
 import math
 
@@ -49,12 +50,14 @@ def count_gatherings(monkeypatch) -> list:
 # ------------------------------------------------------------------------------------------ claim_grads
 
 
-def test_claim_grads_matches_the_signature_and_bumps_each_version_once():
+def test_claim_grads_matches_the_signature_and_bumps_each_version_once_when_asked():
     params = params_of(random_grads(SHAPES, DTYPES))
     versions = [p.grad._version for p in params]
-    assert cpp._C.claim_grads(params, signature(params)) is True
+    assert cpp._C.claim_grads(params, signature(params), True) is True
     assert [p.grad._version for p in params] == [v + 1 for v in versions]
-    assert cpp._C.claim_grads(tuple(params), signature(params)) is True
+    assert cpp._C.claim_grads(tuple(params), signature(params), True) is True
+    assert cpp._C.claim_grads(params, signature(params), False) is True  # a clip that does not write
+    assert [p.grad._version for p in params] == [v + 2 for v in versions]
 
 
 def _moved(g):
@@ -87,7 +90,7 @@ def test_claim_grads_misses_any_change_of_layout(change, where):
         params[where] = torch.nn.Parameter(torch.zeros_like(grad))
     params[where].grad = grad
     after = [p.grad._version for p in params]
-    assert cpp._C.claim_grads(params, sig) is False
+    assert cpp._C.claim_grads(params, sig, True) is False
     if where == 0:  # nothing bumped before the miss
         assert [p.grad._version for p in params] == after
 
@@ -97,22 +100,22 @@ def test_claim_grads_misses_missing_gradients_wrappers_and_other_lists():
 
     params = params_of(random_grads([(6,), (3,), (5,)]))
     sig = signature(params)
-    assert cpp._C.claim_grads(params[:2], sig) is False  # fewer tensors than the signature
-    assert cpp._C.claim_grads(params + params_of([torch.randn(2)]), sig) is False  # more
-    assert cpp._C.claim_grads(params, sig[:-8]) is False and cpp._C.claim_grads(params, b"") is False
-    assert cpp._C.claim_grads([], b"") is True  # an empty list has the empty signature
+    assert cpp._C.claim_grads(params[:2], sig, True) is False  # fewer tensors than the signature
+    assert cpp._C.claim_grads(params + params_of([torch.randn(2)]), sig, True) is False  # more
+    assert cpp._C.claim_grads(params, sig[:-8], True) is False and cpp._C.claim_grads(params, b"", True) is False
+    assert cpp._C.claim_grads([], b"", True) is True  # an empty list has the empty signature
     saved = params[2].grad
     params[2].grad = None
-    assert cpp._C.claim_grads(params, sig) is False
+    assert cpp._C.claim_grads(params, sig, True) is False
     params[2].grad = saved
-    assert cpp._C.claim_grads(params + [torch.randn(2)], sig) is False  # a tensor without a gradient
-    assert cpp._C.claim_grads([*params[:2], 3.0], sig) is False  # not a tensor
+    assert cpp._C.claim_grads(params + [torch.randn(2)], sig, True) is False  # a tensor without a gradient
+    assert cpp._C.claim_grads([*params[:2], 3.0], sig, True) is False  # not a tensor
     wrapped = torch.nn.Parameter(TwoTensor(torch.randn(6), torch.randn(6)))
     wrapped.grad = TwoTensor(torch.randn(6), torch.randn(6))
-    assert cpp._C.claim_grads([wrapped, *params[1:]], sig) is False
+    assert cpp._C.claim_grads([wrapped, *params[1:]], sig, True) is False
     meta = torch.nn.Parameter(torch.empty(6, device="meta"))
     meta.grad = torch.empty(6, device="meta")  # no data pointer to read: missed on its device first
-    assert cpp._C.claim_grads([meta, *params[1:]], sig) is False
+    assert cpp._C.claim_grads([meta, *params[1:]], sig, True) is False
 
 
 def test_claim_grads_takes_inference_gradients_without_a_version():
@@ -121,17 +124,17 @@ def test_claim_grads_takes_inference_gradients_without_a_version():
     params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
     for p, g in zip(params, grads):
         p.grad = g
-    assert cpp._C.claim_grads(params, signature(params)) is True
+    assert cpp._C.claim_grads(params, signature(params), True) is True
 
 
 def test_claim_grads_refuses_bad_arguments_with_a_clear_error():
     params = params_of([torch.randn(3)])
     with pytest.raises(TypeError, match="params must be a list or a tuple"):
-        cpp._C.claim_grads(iter(params), signature(params))
+        cpp._C.claim_grads(iter(params), signature(params), True)
     with pytest.raises(TypeError, match="signature must be bytes"):
-        cpp._C.claim_grads(params, "abc")
-    with pytest.raises(TypeError, match="takes 2 arguments"):
-        cpp._C.claim_grads(params)
+        cpp._C.claim_grads(params, "abc", True)
+    with pytest.raises(TypeError, match="takes 3 arguments"):
+        cpp._C.claim_grads(params, signature(params))
 
 
 # ------------------------------------------------------------------------------------------ the steady clip
@@ -234,6 +237,38 @@ def test_the_drop_in_clips_the_last_tables_gradients_without_gathering_them(monk
         torch.testing.assert_close(p.grad, q.grad, rtol=2e-6, atol=1e-12)
 
 
+def train(model, clipper, steps, defer: bool, gatherings=None):
+    """``steps`` steps of fused AdamW on fixed inputs, the gradients kept (zero_grad(set_to_none=False): the
+    same tensors every step, the steady clip's case), clipped in place or deferred into the optimizer."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    inv = torch.tensor(1 / 256)
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=False)
+        (model(torch.randn(8, 16, generator=torch.Generator().manual_seed(step))).pow(2).mean() * 256).backward()
+        before = clone_all([p.grad for p in model.parameters()])
+        versions = [p.grad._version for p in model.parameters()]
+        clipper.clip_(inv, defer_to=optimizer if defer else None)
+        if defer:  # nothing written, nothing bumped: the optimizer scales the gradients as it reads them
+            assert all(bitwise_equal(p.grad, b) for p, b in zip(model.parameters(), before))
+            assert [p.grad._version for p in model.parameters()] == versions
+            assert isinstance(optimizer.grad_scale, torch.Tensor)
+        if gatherings is not None:
+            assert len(gatherings) == 1  # the first step's clip gathered; the others took the steady clip
+        optimizer.step()
+
+
+def test_a_deferred_steady_clip_writes_nothing_and_gives_the_in_place_steps(monkeypatch):
+    torch.manual_seed(2)
+    models = [torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    gatherings = count_gatherings(monkeypatch)
+    train(models[0], ampclip.FusedClipper(models[0].parameters(), max_norm=0.05, backend="triton"), 4, True,
+          gatherings)
+    train(models[1], ampclip.FusedClipper(models[1].parameters(), max_norm=0.05, backend="triton"), 4, False)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ back to the general path
 
 
@@ -292,7 +327,8 @@ def test_clips_that_need_more_than_two_passes_never_claim(monkeypatch):
     monkeypatch.setattr(cpp, "claim_grads", lambda *args: claims.append(1) or False)
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
     for kwargs, call in [({"mode": "per_group", "groups": [params[:3], params[3:]]}, {}),
-                         ({}, {"defer_to": optimizer}), ({}, {"max_norm": lambda total: total * 0.5}),
+                         ({"on_nonfinite": "zero"}, {"defer_to": optimizer}),
+                         ({}, {"max_norm": lambda total: total * 0.5}),
                          ({"strategy": ampclip.strategies.AGC()}, {}), ({"backend": "cpp"}, {})]:
         clipper = ampclip.FusedClipper(params, max_norm=0.5, **{"backend": "triton", **kwargs})
         clipper.clip_(**call)

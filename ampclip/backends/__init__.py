@@ -47,7 +47,7 @@ class Backend:
             own (the GPU backends' last-block norm pass), so a clip takes it; in the others a clip runs the
             norm pass and ``clip_finalize``, as the default ``clip_norm_pass`` would, without computing a
             ``grad_scale`` it does not need. A backend with such modes runs on tensor tables
-            (``tensor_table.py``) and has :meth:`clip_on_table`.
+            (``tensor_table.py``) and has :meth:`clip_norm_pass_on_table` and :meth:`scale_pass_on_table`.
     """
 
     name: str = ""
@@ -82,11 +82,12 @@ class Backend:
         coef, _, _, post = finalized
         return per_tensor, total, found_inf, coef, post, reference.grad_scale(inv_scale, coef, mode)
 
-    def clip_on_table(self, table, inv_scale, norm_type, clamp, max_norm, mode, eps, rule, zero_if_inf):
-        """A whole clip of a fused mode on the tensors of ``table``, whose layout and versions the caller
-        has seen to (``ops.steady_clip``): ``clip_norm_pass`` then ``scale_pass``, the write skipped or
-        zeroed on found_inf, ``(per_tensor, total, found_inf, coef, post_clip_norm)``. Only for backends with
-        ``fused_clip_modes``."""
+    # The two passes of a fused clip on the tensors of a table whose layout and versions the caller has seen to
+    # (``ops.steady_clip``: nothing staged, no version bumped here). Only for backends with ``fused_clip_modes``.
+    def clip_norm_pass_on_table(self, table, inv_scale, norm_type, clamp, max_norm, mode, eps, rule):
+        raise NotImplementedError
+
+    def scale_pass_on_table(self, table, coef, inv_scale, clamp, found_inf, zero_if_inf):
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------- small ops

@@ -110,11 +110,11 @@ def bump_versions(tensors) -> None:
         _C.bump_versions(tensors)
 
 
-def claim_grads(params, signature) -> bool:
+def claim_grads(params, signature, bump: bool) -> bool:
     """Whether every parameter has a gradient and their :func:`tensor_signature` is ``signature`` (bytes), in one
-    C++ loop that makes no list of them and bumps each gradient's version as it matches (the caller writes them
-    next); False without the extension."""
-    return _C is not None and _C.claim_grads(params, signature)
+    C++ loop that makes no list of them and, with ``bump``, bumps each gradient's version as it matches (the
+    caller writes them next); False without the extension."""
+    return _C is not None and _C.claim_grads(params, signature, bump)
 
 
 def table_rows(tensors, chunk: int):

@@ -67,17 +67,16 @@ class CudaBackend(Backend):
     def clip_norm_pass(self, grads, inv_scale, norm_type, clamp, max_norm, mode, eps, rule):
         if mode != 0:  # per tensor: the norm pass, then clip_finalize
             return super().clip_norm_pass(grads, inv_scale, norm_type, clamp, max_norm, mode, eps, rule)
-        return self._clip_norm_on_table(self._staged_table(grads), inv_scale, norm_type, clamp, max_norm, eps, rule)
+        return self.clip_norm_pass_on_table(self._staged_table(grads), inv_scale, norm_type, clamp, max_norm, mode,
+                                            eps, rule)
 
-    def _clip_norm_on_table(self, table, inv_scale, norm_type, clamp, max_norm, eps, rule):
+    def clip_norm_pass_on_table(self, table, inv_scale, norm_type, clamp, max_norm, mode, eps, rule):
+        # global mode (fused_clip_modes): the kernel's last block computes the one coefficient
         return self._C.cuda_clip_norm_pass(*self._norm_args(table, inv_scale, norm_type, clamp), float(max_norm),
                                            float(eps), int(rule))
 
-    def clip_on_table(self, table, inv_scale, norm_type, clamp, max_norm, mode, eps, rule, zero_if_inf):
-        per_tensor, total, found_inf, coef, post, _ = self._clip_norm_on_table(table, inv_scale, norm_type, clamp,
-                                                                               max_norm, eps, rule)
-        self._scale_table((), table, coef, inv_scale, clamp, found_inf, zero_if_inf)  # versions bumped already
-        return per_tensor, total, found_inf, coef, post
+    def scale_pass_on_table(self, table, coef, inv_scale, clamp, found_inf, zero_if_inf):
+        self._scale_table((), table, coef, inv_scale, clamp, found_inf, zero_if_inf)  # versions: the caller's
 
     def scale_pass(self, grads, coef, inv_scale, clamp, found_inf, zero_if_inf):
         table = table_to_write(grads, coef, lambda g, c: self.scale_pass(g, c, inv_scale, clamp, found_inf,

@@ -46,13 +46,13 @@ class TritonBackend(Backend):
     def clip_norm_pass(self, grads, inv_scale, norm_type, clamp, max_norm, mode, eps, rule):
         table = tensor_table(grads)
         table.stage_in(grads)
+        return self.clip_norm_pass_on_table(table, inv_scale, norm_type, clamp, max_norm, mode, eps, rule)
+
+    def clip_norm_pass_on_table(self, table, inv_scale, norm_type, clamp, max_norm, mode, eps, rule):
         return self._k.fused_norm_triton(table, inv_scale, norm_type, clamp, (max_norm, mode, eps, rule))
 
-    def clip_on_table(self, table, inv_scale, norm_type, clamp, max_norm, mode, eps, rule, zero_if_inf):
-        per_tensor, total, found_inf, coef, post, _ = self._k.fused_norm_triton(table, inv_scale, norm_type, clamp,
-                                                                                (max_norm, mode, eps, rule))
+    def scale_pass_on_table(self, table, coef, inv_scale, clamp, found_inf, zero_if_inf):
         self._k.fused_scale_triton(table, coef, inv_scale, clamp, found_inf, zero_if_inf)
-        return per_tensor, total, found_inf, coef, post
 
     def scale_pass(self, grads, coef, inv_scale, clamp, found_inf, zero_if_inf):
         table = table_to_write(grads, coef, lambda g, c: self.scale_pass(g, c, inv_scale, clamp, found_inf,
@@ -60,7 +60,7 @@ class TritonBackend(Backend):
         if table is None:
             return
         table.stage_in(grads)
-        self._k.fused_scale_triton(table, coef, inv_scale, clamp, found_inf, zero_if_inf)
+        self.scale_pass_on_table(table, coef, inv_scale, clamp, found_inf, zero_if_inf)
         table.stage_out(grads)
         bump_versions(grads)  # written through raw pointers: tell autograd, as torch's in-place ops do
 
