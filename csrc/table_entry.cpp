@@ -26,17 +26,18 @@ inline uint64_t kind_word(const at::Tensor& t) {
          (static_cast<uint64_t>(t.device().type()) << 32) | (static_cast<uint64_t>(t.dim()) << 48);
 }
 
-// What a kernel table of these tensors depends on, per tensor: data pointer, element count, dtype, device,
+// What a kernel table of these tensors depends on, per tensor: dtype, device, element count, data pointer,
 // sizes and strides (all of them: equal signatures mean equal layouts, never a hash collision). Not the
 // tensor's identity: the new gradients a backward allocates after zero_grad(set_to_none=True) can land at
 // the old addresses, and then the old table fits them. Calls visit(word) for every word in order, up to the
-// first for which it returns false; returns false when an item is not a plain dense tensor (no strides to read)
-// or a visit returned false.
+// first for which it returns false (the kind word first: a comparison with a table's signature stops there for
+// a tensor of another device, a meta one, before its data pointer is read); returns false when an item is not
+// a plain dense tensor (no strides to read) or a visit returned false.
 template <typename Visit>
 bool tensor_words(const at::Tensor& t, Visit& visit) {
   if (t.is_nested() || t.layout() != at::kStrided || !t.has_storage()) return false;
-  const auto ok = visit(reinterpret_cast<uintptr_t>(t.const_data_ptr())) &&
-                  visit(static_cast<uint64_t>(t.numel())) && visit(kind_word(t));
+  const auto ok = visit(kind_word(t)) && visit(static_cast<uint64_t>(t.numel())) &&
+                  visit(reinterpret_cast<uintptr_t>(t.const_data_ptr()));
   if (!ok) return false;
   for (int64_t d = 0; d < t.dim(); ++d) {
     if (!visit(static_cast<uint64_t>(t.sizes()[d])) || !visit(static_cast<uint64_t>(t.strides()[d]))) return false;
@@ -53,7 +54,7 @@ bool signature_words(PyObject* const* items, Py_ssize_t count, Visit visit) {
 }
 
 // Compares the words it is given with a signature (bytes), one after the other: the visit of signature_words
-// that signature_matches and present_grads use. A miss stays a miss.
+// that signature_matches, present_grads and claim_grads use. A miss stays a miss.
 class SignatureCheck {
  public:
   explicit SignatureCheck(PyObject* signature)
@@ -170,37 +171,16 @@ PyObject* claim_grads(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
   if (!PyBytes_Check(args[1])) return error(Bad::kType, "claim_grads: signature must be bytes");
   bool bump = false;
   if (!bool_arg(args[2], "claim_grads", "bump", bump)) return nullptr;
-  const char* signature = PyBytes_AS_STRING(args[1]);
-  const size_t size = static_cast<size_t>(PyBytes_GET_SIZE(args[1])) / sizeof(uint64_t);
-  const auto word = [signature](size_t k) {
-    uint64_t w;
-    std::memcpy(&w, signature + k * sizeof(uint64_t), sizeof(w));
-    return w;
-  };
+  SignatureCheck check(args[1]);
   const Py_ssize_t count = PySequence_Fast_GET_SIZE(params);
   PyObject** items = PySequence_Fast_ITEMS(params);
-  size_t at = 0;
   for (Py_ssize_t i = 0; i < count; ++i) {
     if (!THPVariable_CheckExact(items[i])) Py_RETURN_FALSE;
     const at::Tensor& grad = THPVariable_Unpack(items[i]).grad();
-    if (!grad.defined() || is_wrapper(grad) || grad.is_nested() || grad.layout() != at::kStrided) Py_RETURN_FALSE;
-    const int64_t dim = grad.dim();
-    // the kind word first: a tensor of another device (a meta one) has no data pointer to compare
-    if (at + 3 + 2 * static_cast<size_t>(dim) > size || word(at + 2) != kind_word(grad) || !grad.has_storage()) {
-      Py_RETURN_FALSE;
-    }
-    // no branch a word: the loop is bound by reading the tensors' metadata, not by comparing words
-    bool same = (word(at) == reinterpret_cast<uintptr_t>(grad.const_data_ptr())) &
-                (word(at + 1) == static_cast<uint64_t>(grad.numel()));
-    at += 3;
-    const c10::IntArrayRef sizes = grad.sizes(), strides = grad.strides();
-    for (int64_t d = 0; d < dim; ++d, at += 2) {
-      same &= (word(at) == static_cast<uint64_t>(sizes[d])) & (word(at + 1) == static_cast<uint64_t>(strides[d]));
-    }
-    if (!same) Py_RETURN_FALSE;
+    if (!grad.defined() || is_wrapper(grad) || !tensor_words(grad, check)) Py_RETURN_FALSE;
     if (bump) bump_version(grad.unsafeGetTensorImpl());
   }
-  if (at != size) Py_RETURN_FALSE;
+  if (!check.matched()) Py_RETURN_FALSE;
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }
